@@ -1,0 +1,1 @@
+"""`python -m convert`: an alias of `python -m fastvlm_mlx.convert` (same flags, same code)."""

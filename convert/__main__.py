@@ -1,0 +1,5 @@
+import sys
+
+from fastvlm_mlx.convert import main
+
+sys.exit(main())

@@ -1,0 +1,244 @@
+"""Convert a FastVLM checkpoint (Apple, transformers or MLX layout) into a fastvlm_mlx directory.
+
+    python -m fastvlm_mlx.convert --model SRC --out DST [--dtype float16] [-q --q-bits 4] [--force]
+
+The layout is detected from the tensors' names, never from the directory's name. The output is
+written to a temporary directory beside DST and renamed into place, so an interrupted run leaves
+nothing half-made.
+"""
+
+import argparse
+import glob
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+
+from .config import ModelConfig, VisionConfig
+from .model import Model
+from .weights import WeightError, check_weights, detect_layout, sanitize
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "preprocessor_config.json",
+)
+# Apple's (LLaVA's) sentinel: its vocabulary has no image token, `<image>` marks the splice.
+APPLE_IMAGE_TOKEN = -200
+QWEN2_FIELDS = (
+    "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+    "rms_norm_eps", "num_key_value_heads", "max_position_embeddings", "rope_theta",
+    "rope_scaling",
+)
+
+
+class ConvertError(ValueError):
+    """A source that cannot be converted; the message names the problem in one line."""
+
+
+def read_source_weights(src: Path) -> Dict[str, mx.array]:
+    files = sorted(glob.glob(str(src / "*.safetensors")))
+    if files:
+        weights = {}
+        for f in files:
+            try:
+                weights.update(mx.load(f))
+            except Exception as e:
+                raise ConvertError(f"{f} cannot be read, truncated or corrupt? ({e})") from None
+        return weights
+    bins = sorted(glob.glob(str(src / "pytorch_model*.bin")))
+    if bins:
+        try:
+            import torch
+        except ImportError:
+            raise ConvertError(
+                f"{src} holds pytorch_model.bin, which needs torch to read: pip install torch"
+            ) from None
+        from .weights import from_torch
+
+        weights = {}
+        for f in bins:
+            try:
+                weights.update(from_torch(torch.load(f, map_location="cpu", weights_only=True)))
+            except Exception as e:
+                raise ConvertError(f"{f} cannot be read ({e})") from None
+        return weights
+    raise ConvertError(f"{src} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def vision_depths(weights: Dict[str, mx.array]) -> list:
+    """Blocks per stage, counted from our (timm) names."""
+    depths = {}
+    for k in weights:
+        m = re.match(r"vision_tower\.stages\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            s, b = int(m.group(1)), int(m.group(2))
+            depths[s] = max(depths.get(s, 0), b + 1)
+    if not depths:
+        raise ConvertError("the checkpoint holds no vision tower blocks")
+    return [depths.get(i, 0) for i in range(max(depths) + 1)]
+
+
+def resolution(src: Path, cfg: dict) -> int:
+    """preprocessor_config.json (crop_size, else size), else mm_vision_tower's suffix, else 1024."""
+    pre = src / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        for key in ("crop_size", "size"):
+            v = p.get(key)
+            if isinstance(v, dict):
+                v = v.get("height", v.get("shortest_edge"))
+            if isinstance(v, int):
+                return v
+    m = re.search(r"_(\d+)$", str(cfg.get("mm_vision_tower", "")))
+    return int(m.group(1)) if m else 1024
+
+
+def _token_id(tokenizer_dir: Path, token: str) -> Optional[int]:
+    f = tokenizer_dir / "tokenizer.json"
+    if not f.is_file():
+        return None
+    tok = json.loads(f.read_text())
+    for t in tok.get("added_tokens", []):
+        if t.get("content") == token:
+            return t["id"]
+    return tok.get("model", {}).get("vocab", {}).get(token)
+
+
+def build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelConfig:
+    """Our config.json from the source's config and tensors (sanitized names)."""
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise ConvertError(f"{src} has no config.json")
+    cfg = json.loads(cfg_file.read_text())
+    if layout == "mlx" and "text_config" in cfg and cfg.get("model_type") == "fastvlm":
+        return ModelConfig.from_dict(cfg)
+    text_src = cfg.get("text_config") or cfg
+    text = {k: text_src[k] for k in QWEN2_FIELDS if k in text_src}
+    embed = weights.get("language_model.model.embed_tokens.weight")
+    if embed is None:
+        raise ConvertError("missing tensor 'embed_tokens.weight'")
+    text["vocab_size"] = int(embed.shape[0])
+    # The configs' tie_word_embeddings flag is not reliable: the tensors decide.
+    text["tie_word_embeddings"] = "language_model.lm_head.weight" not in weights
+    if layout == "apple":
+        image_token = APPLE_IMAGE_TOKEN
+    else:
+        image_token = cfg.get("image_token_index", cfg.get("image_token_id"))
+        if image_token is None:
+            image_token = _token_id(src, "<image>")
+        if image_token is None:
+            raise ConvertError(f"{cfg_file} names no image token (image_token_index)")
+    eos = [i for i in (_token_id(src, "<|im_end|>"), _token_id(src, "<|endoftext|>")) if i is not None]
+    return ModelConfig(
+        text_config=text,
+        vision_config=VisionConfig(depths=vision_depths(weights)),
+        image_size=resolution(src, cfg),
+        image_token_id=int(image_token),
+        eos_token_id=eos or [151645, 151643],
+    )
+
+
+def save_converted(dst: Path, model: Model, config: dict, tokenizer_src: Optional[Path]) -> None:
+    """Write config.json, model*.safetensors (mlx-lm's sharding) and the tokenizer files."""
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(dst, model)
+    save_config(dict(config), dst / "config.json", keep_vision_config=True)
+    if tokenizer_src is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_src / name).is_file():
+                shutil.copy2(tokenizer_src / name, dst / name)
+
+
+def convert(
+    src,
+    dst,
+    dtype: str = "float16",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    force: bool = False,
+) -> Path:
+    src, dst = Path(src), Path(dst)
+    if dtype not in DTYPES:
+        raise ConvertError(f"unknown dtype {dtype!r} (float16, bfloat16 or float32)")
+    if not src.is_dir():
+        raise ConvertError(f"{src} is not a directory")
+    if not any(src.iterdir()):
+        raise ConvertError(f"{src} is empty")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise ConvertError(f"{dst} exists and is not empty: pass --force to replace it")
+    if not ((src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file()):
+        raise ConvertError(f"{src} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+
+    raw = read_source_weights(src)
+    try:
+        layout = detect_layout(raw)
+        weights = sanitize(raw, layout)
+        config = build_config(src, layout, weights)
+        model = Model(config)
+        check_weights(model, weights)
+    except WeightError as e:
+        raise ConvertError(str(e)) from None
+    target = DTYPES[dtype]
+    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    out_config = config.to_dict()
+    if quantize:
+        from mlx_lm.utils import quantize_model
+
+        # The decoder and connector are quantized; the vision tower stays in `dtype`.
+        model, out_config = quantize_model(
+            model, out_config, q_group_size, q_bits,
+            quant_predicate=lambda p, m: p.startswith(("language_model.", "multi_modal_projector.")),
+        )
+    mx.eval(model.parameters())
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        save_converted(tmp, model, out_config, src)
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", "--hf-path", dest="model", required=True, help="source directory")
+    p.add_argument("--out", "--mlx-path", dest="out", required=True, help="output directory")
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    p.add_argument("-q", "--quantize", action="store_true")
+    p.add_argument("--q-bits", type=int, choices=(4, 8), default=None)
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    a = p.parse_args(argv)
+    try:
+        out = convert(
+            a.model, a.out, a.dtype, quantize=a.quantize or a.q_bits is not None,
+            q_bits=a.q_bits or 4, q_group_size=a.q_group_size, force=a.force,
+        )
+    except (ConvertError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"converted {a.model} -> {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

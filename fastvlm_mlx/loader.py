@@ -1,0 +1,97 @@
+"""load(path): a converted MLX directory -> (model, processor).
+
+A converted directory holds config.json (our schema, see config.py), model*.safetensors in our
+parameter names and tensor layout, and the tokenizer files.
+"""
+
+import glob
+import json
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .model import Model
+from .processing import Processor
+from .weights import WeightError, check_weights
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded; the message says why in one line."""
+
+
+def read_config(path: Path) -> ModelConfig:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} is not a model directory: it has no config.json")
+    try:
+        return ModelConfig.from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{config_file}: {e}") from None
+
+
+def read_weights(path: Path) -> dict:
+    files = sorted(glob.glob(str(path / "model*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{path} has no model*.safetensors")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except Exception as e:  # mlx raises RuntimeError/ValueError with the file's problem
+            raise ModelLoadError(f"{f} cannot be read ({e})") from None
+    return weights
+
+
+def build_model(config: ModelConfig, weights: dict) -> Model:
+    """Build the model, quantizing the layers the checkpoint holds quantized, and load weights."""
+    model = Model(config)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            mode=q.get("mode", "affine"),
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    return model
+
+
+def load_converted(
+    path: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False
+) -> Tuple[Model, Processor]:
+    """Load a converted MLX directory (no conversion, no download)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a directory")
+    config = read_config(path)
+    weights = read_weights(path)
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    try:
+        model = build_model(config, weights)
+    except WeightError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    if not lazy:
+        mx.eval(model.parameters())
+    processor = Processor.from_pretrained(path, config)
+    return model, processor
+
+
+def load(
+    path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False
+) -> Tuple[Model, Processor]:
+    """Load FastVLM: `model, processor = load("path/to/converted")`.
+
+    `dtype` casts the floating-point weights (float32, float16, bfloat16) after loading.
+    """
+    return load_converted(path_or_repo, dtype=dtype, lazy=lazy)

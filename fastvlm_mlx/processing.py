@@ -1,0 +1,167 @@
+"""Images in -> pixels; prompt in -> token ids with one image slot per feature row.
+
+Preprocessing follows the reference (`image_aspect_ratio: pad`): RGB, pad to a square with black
+at offset floor((side - w) / 2), bicubic resize (PIL) to the model resolution, scale to [0, 1], no
+mean/std normalisation. The prompt follows the reference `qwen_2` template; the text around each
+`<image>` marker is tokenized separately and the marker becomes N image-token slots, which is
+how Apple's reference splices (its vocabulary has no image token) and what transformers' port
+gives with its real `<image>` token.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, ImageOps
+
+from .config import ModelConfig
+
+IMAGE_MARKER = "<image>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_PROMPT = "Describe the image."
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+class InputError(ValueError):
+    """Bad user input (image, prompt, resolution); the message names the problem in one line."""
+
+
+def check_resolution(size: int, stride: int = 64) -> int:
+    if not isinstance(size, int) or size <= 0 or size % stride:
+        raise InputError(f"resolution {size} is not supported: it must be a positive multiple of {stride}")
+    return size
+
+
+def to_pil(image: ImageInput) -> Image.Image:
+    """A path, PIL image or HWC numpy array (uint8 RGB, or float in [0, 1]) -> RGB PIL image."""
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise InputError(f"image array must be HxWx3 (or HxWx4), got shape {arr.shape}")
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
+        elif arr.dtype != np.uint8:
+            raise InputError(f"image array must be uint8 or float in [0, 1], got {arr.dtype}")
+        return Image.fromarray(arr[..., :3])
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except Exception as e:
+            raise InputError(f"cannot read image {path}: {e}") from None
+    if not isinstance(image, Image.Image):
+        raise InputError(f"unsupported image input of type {type(image).__name__}")
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert("RGB")
+    return image
+
+
+def preprocess_image(image: ImageInput, size: int) -> np.ndarray:
+    """One image -> (size, size, 3) float32 pixels in [0, 1], as the reference computes them."""
+    image = to_pil(image)
+    w, h = image.size
+    side = max(w, h)
+    if w != h:
+        square = Image.new("RGB", (side, side), (0, 0, 0))
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = square
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def format_prompt(
+    prompt: Union[str, Sequence[dict]],
+    num_images: int,
+    system: Optional[str] = DEFAULT_SYSTEM,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The reference qwen_2 template, with one `<image>` marker per image.
+
+    `prompt` is the user's text or a list of {"role", "content"} messages. Markers already in
+    the text must number `num_images`; otherwise one `<image>\\n` per image goes before the first
+    user text.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if not messages:
+        raise InputError("the prompt is empty")
+    if system is not None and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    markers = sum(str(m.get("content", "")).count(IMAGE_MARKER) for m in messages)
+    if markers and markers != num_images:
+        raise InputError(f"the prompt has {markers} {IMAGE_MARKER} markers for {num_images} images")
+    if not markers and num_images:
+        first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+        if first_user is None:
+            raise InputError("the prompt has no user message to attach the images to")
+        m = dict(messages[first_user])
+        m["content"] = (IMAGE_MARKER + "\n") * num_images + str(m.get("content", ""))
+        messages[first_user] = m
+    text = "".join(
+        f"<|im_start|>{m['role']}\n{m.get('content', '')}<|im_end|>\n" for m in messages
+    )
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n"
+    return text
+
+
+@dataclass
+class Processor:
+    """Tokenizer (mlx-lm's TokenizerWrapper) + image preprocessing + the prompt template."""
+
+    tokenizer: object
+    image_size: int
+    image_token_id: int
+    stride: int = 64
+    eos_token_ids: List[int] = field(default_factory=list)
+
+    @classmethod
+    def from_pretrained(cls, path: Path, config: ModelConfig) -> "Processor":
+        from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+        if not (Path(path) / "tokenizer_config.json").is_file() and not (
+            Path(path) / "tokenizer.json"
+        ).is_file():
+            raise InputError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+        tokenizer = load_tokenizer(Path(path), eos_token_ids=config.eos_token_id)
+        return cls(
+            tokenizer=tokenizer,
+            image_size=config.image_size,
+            image_token_id=config.image_token_id,
+            stride=config.vision_config.stride,
+            eos_token_ids=list(config.eos_token_id),
+        )
+
+    def tokens_per_image(self, size: Optional[int] = None) -> int:
+        return ((size or self.image_size) // self.stride) ** 2
+
+    def pixels(self, images: Sequence[ImageInput], size: Optional[int] = None) -> mx.array:
+        """Images -> (N, S, S, 3) float32 pixels, channels-last."""
+        size = check_resolution(size or self.image_size, self.stride)
+        return mx.array(np.stack([preprocess_image(im, size) for im in images]))
+
+    def encode(self, text: str, size: Optional[int] = None) -> List[int]:
+        """Prompt text -> ids; each `<image>` becomes tokens_per_image(size) image slots."""
+        chunks = text.split(IMAGE_MARKER)
+        slots = [self.image_token_id] * self.tokens_per_image(size)
+        ids: List[int] = []
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids += slots
+            if chunk:
+                ids += self.tokenizer.encode(chunk, add_special_tokens=False)
+        return ids

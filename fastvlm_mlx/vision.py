@@ -1,0 +1,233 @@
+"""FastViTHD, FastVLM's vision encoder, in MLX.
+
+This is timm's `fastvit_mci3` in its inference (reparameterized) form, channels-last (NHWC)
+throughout. Module and parameter names mirror timm's, so a timm or transformers state dict maps
+onto this module by a transpose of the conv weights (see weights.py). Two deliberate departures:
+- pointwise (1x1, dense) convs are `nn.Linear`: in channels-last they are plain matmuls, which MLX
+  runs faster than `conv2d`; their weights are the conv's with the 1x1 dims squeezed away;
+- the eval-mode BatchNorm of every ConvFFN is folded at import into the depthwise conv before it,
+  which therefore carries a bias here.
+The classification/pooling head is not built: FastVLM uses the feature map.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import VisionConfig
+
+
+def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1):
+    if kernel_size == 1 and stride == 1 and groups == 1:
+        return nn.Linear(in_chs, out_chs)
+    return nn.Conv2d(
+        in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups
+    )
+
+
+class SqueezeExcite(nn.Module):
+    """timm's SEModule: global mean -> fc1 -> ReLU -> fc2 -> sigmoid gate."""
+
+    def __init__(self, chs: int, rd_chs: int):
+        super().__init__()
+        self.fc1 = nn.Linear(chs, rd_chs)
+        self.fc2 = nn.Linear(rd_chs, chs)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        s = x.mean(axis=(1, 2), keepdims=True)
+        s = self.fc2(nn.relu(self.fc1(s)))
+        return x * mx.sigmoid(s)
+
+
+class MobileOneBlock(nn.Module):
+    """conv -> (squeeze-excite) -> GELU, the branches already fused into `reparam_conv`.
+
+    In the inference form timm's ReparamLargeKernelConv (with `lkc_use_act`) computes the same
+    thing, so it is built with this class too; only `reparam_conv` holds parameters in both.
+    """
+
+    def __init__(self, in_chs, out_chs, kernel_size, stride=1, groups=1, use_se=False, rd_chs=0):
+        super().__init__()
+        self.reparam_conv = _conv(in_chs, out_chs, kernel_size, stride, groups)
+        if use_se:
+            self.se = SqueezeExcite(out_chs, rd_chs)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.reparam_conv(x)
+        if "se" in self:
+            x = self.se(x)
+        return nn.gelu(x)
+
+
+class PatchEmbed(nn.Module):
+    """Downsample between stages: 7x7 stride-2 conv with channel multiplier 2, then 1x1."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int):
+        super().__init__()
+        self.proj = [
+            MobileOneBlock(in_chs, out_chs, kernel_size, stride=2, groups=in_chs),
+            MobileOneBlock(out_chs, out_chs, 1),
+        ]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.proj:
+            x = layer(x)
+        return x
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise conv whose fused kernel already holds the identity branch.
+
+    It is timm's RepMixer (x + ls * (mixer(x) - norm(x)), fused) and RepConditionalPosEnc
+    (x + pos_enc(x), fused): both are one depthwise conv with bias at inference.
+    """
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.reparam_conv = nn.Conv2d(
+            dim, dim, kernel_size, padding=kernel_size // 2, groups=dim
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.reparam_conv(x)
+
+
+class ConvNorm(nn.Module):
+    """timm's ConvNormAct without an act: its BatchNorm is folded into `conv` at import."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(x)
+
+
+class ConvMlp(nn.Module):
+    """ConvFFN: depthwise 7x7 (+ folded BN) -> 1x1 C->4C -> GELU -> 1x1 4C->C."""
+
+    def __init__(self, dim: int, hidden: int, kernel_size: int):
+        super().__init__()
+        self.conv = ConvNorm(dim, kernel_size)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(nn.gelu(self.fc1(self.conv(x))))
+
+
+class LayerScale2d(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = mx.ones((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x * self.gamma
+
+
+class RepMixerBlock(nn.Module):
+    def __init__(self, dim: int, cfg: VisionConfig):
+        super().__init__()
+        self.token_mixer = DepthwiseConv(dim, cfg.repmixer_kernel_size)
+        self.mlp = ConvMlp(dim, int(dim * cfg.mlp_ratio), cfg.ffn_kernel_size)
+        self.layer_scale = LayerScale2d(dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.token_mixer(x)
+        return x + self.layer_scale(self.mlp(x))
+
+
+class Attention(nn.Module):
+    """Global multi-head self-attention over the h*W+w (row-major) tokens, no mask."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"attention width {dim} is not a multiple of head_dim {head_dim}")
+        self.num_heads = dim // head_dim
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x.reshape(B, H * W, C))
+        q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        o = o.transpose(0, 2, 1, 3).reshape(B, H * W, C)
+        return self.proj(o).reshape(B, H, W, C)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, dim: int, cfg: VisionConfig):
+        super().__init__()
+        # timm's LayerNorm2d normalizes over channels: in channels-last that is a plain LayerNorm.
+        self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.token_mixer = Attention(dim, cfg.head_dim)
+        self.layer_scale_1 = LayerScale2d(dim)
+        self.mlp = ConvMlp(dim, int(dim * cfg.mlp_ratio), cfg.ffn_kernel_size)
+        self.layer_scale_2 = LayerScale2d(dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.layer_scale_1(self.token_mixer(self.norm(x)))
+        return x + self.layer_scale_2(self.mlp(x))
+
+
+class FastVitStage(nn.Module):
+    def __init__(self, in_chs: int, dim: int, index: int, cfg: VisionConfig):
+        super().__init__()
+        if index > 0:
+            self.downsample = PatchEmbed(in_chs, dim, cfg.downsample_kernel_size)
+        if cfg.pos_embs[index]:
+            self.pos_emb = DepthwiseConv(dim, cfg.pos_emb_kernel_size)
+        block = RepMixerBlock if cfg.token_mixers[index] == "repmixer" else AttentionBlock
+        self.blocks = [block(dim, cfg) for _ in range(cfg.depths[index])]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "downsample" in self:
+            x = self.downsample(x)
+        if "pos_emb" in self:
+            x = self.pos_emb(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+class FastViTHD(nn.Module):
+    """Images (B, S, S, 3) in [0, 1] -> features (B, S/64, S/64, 3072), channels-last."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        w0 = config.widths[0]
+        self.stem = [
+            MobileOneBlock(3, w0, 3, stride=2),
+            MobileOneBlock(w0, w0, 3, stride=2, groups=w0),
+            MobileOneBlock(w0, w0, 1),
+        ]
+        chs = [w0] + list(config.widths)
+        self.stages = [
+            FastVitStage(chs[i], chs[i + 1], i, config) for i in range(len(config.depths))
+        ]
+        n = config.num_features
+        self.final_conv = MobileOneBlock(
+            config.widths[-1], n, 3, groups=config.widths[-1], use_se=True,
+            rd_chs=int(n * config.se_ratio),
+        )
+
+    def check_input(self, shape) -> None:
+        stride = self.config.stride
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"vision tower expects pixels of shape (B, S, S, 3), got {tuple(shape)}")
+        _, h, w, _ = shape
+        if h != w or h % stride or h == 0:
+            raise ValueError(
+                f"image resolution {h}x{w} is not supported: it must be square and a multiple of {stride}"
+            )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self.check_input(x.shape)
+        for layer in self.stem:
+            x = layer(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.final_conv(x)

@@ -1,0 +1,191 @@
+"""Checkpoint layouts -> this package's parameter names.
+
+Each layout is a rename onto our names (which mirror timm's FastViT and mlx-lm's Qwen2), then one
+set of tensor rules:
+- conv weights (O, I/groups, kh, kw) -> (O, kh, kw, I/groups); 1x1 dense convs -> (O, I);
+- every ConvFFN BatchNorm (eval mode) is folded into the bias-free depthwise conv before it;
+- layer scales (C, 1, 1) -> (C,);
+- what the inference graph does not use is dropped (pooling head, BN step counters, rotary caches).
+`check_weights` then compares the result against the model, naming any missing, unknown or
+misshaped tensor. Nothing here reads files: the loader and the converter hand in the tensors.
+"""
+
+import re
+from typing import Callable, Dict, Iterable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which timm's ConvFFN BatchNorm uses
+
+# Apple's flat `network.i` list -> timm stages (fastvit_mci3: downsample and RepCPE are entries).
+APPLE_NETWORK = {
+    0: "stages.0.blocks", 1: "stages.1.downsample", 2: "stages.1.blocks",
+    3: "stages.2.downsample", 4: "stages.2.blocks", 5: "stages.3.downsample",
+    6: "stages.3.pos_emb", 7: "stages.3.blocks", 8: "stages.4.downsample",
+    9: "stages.4.pos_emb", 10: "stages.4.blocks",
+}
+
+# Keys that no layout's inference graph uses; dropped on purpose.
+_UNUSED = re.compile(
+    r"(^|\.)head\.(proj|fc)|num_batches_tracked$|rotary_emb\.inv_freq$"
+)
+
+
+class WeightError(ValueError):
+    """A checkpoint tensor that is missing, unknown, misshaped or of an unknown layout."""
+
+
+def apple_vision_name(key: str) -> str:
+    """Apple's (ml-fastvlm) FastViTHD names -> timm's names."""
+    m = re.match(r"network\.(\d+)(.*)", key)
+    if m:
+        i = int(m.group(1))
+        if i not in APPLE_NETWORK:
+            raise WeightError(f"unknown vision tensor {key!r}: no stage for network.{i}")
+        key = APPLE_NETWORK[i] + m.group(2)
+    for old, new in (
+        ("patch_embed.", "stem."), ("conv_exp.", "final_conv."), ("se.reduce.", "se.fc1."),
+        ("se.expand.", "se.fc2."), ("convffn.", "mlp."), ("lkb_reparam.", "reparam_conv."),
+    ):
+        key = key.replace(old, new)
+    return re.sub(r"(layer_scale(_[12])?)$", r"\1.gamma", key)
+
+
+def _rename_transformers(key: str) -> Optional[str]:
+    for old, new in (
+        ("model.vision_tower.timm_model.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def _rename_apple(key: str) -> Optional[str]:
+    prefix = "model.vision_tower.vision_tower.model."
+    if key.startswith(prefix):
+        return "vision_tower." + apple_vision_name(key[len(prefix):])
+    m = re.match(r"model\.mm_projector\.([02])\.(.*)", key)
+    if m:
+        return f"multi_modal_projector.linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}"
+    if key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")):
+        return "language_model." + key
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    return None
+
+
+def _rename_ours(key: str) -> Optional[str]:
+    if key.startswith(("vision_tower.", "multi_modal_projector.", "language_model.")):
+        return key
+    return None
+
+
+# Layout name -> (a key that only it has, renamer). Detection reads keys, never directory names.
+LAYOUTS: Dict[str, tuple] = {
+    "transformers": ("model.vision_tower.timm_model.", _rename_transformers),
+    "apple": ("model.vision_tower.vision_tower.model.", _rename_apple),
+    "mlx": ("vision_tower.stem.", _rename_ours),
+}
+
+
+def detect_layout(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    for name, (marker, _) in LAYOUTS.items():
+        if any(k.startswith(marker) for k in keys):
+            return name
+    sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+    raise WeightError(f"unknown checkpoint layout (first keys: {sample})")
+
+
+def _fold_batchnorms(weights: Dict[str, mx.array]) -> None:
+    """ConvFFN: depthwise conv (no bias) -> BatchNorm(eval)  ==  one conv with a bias."""
+    for bn in [k[: -len(".running_var")] for k in weights if k.endswith(".mlp.conv.bn.running_var")]:
+        parts = {}
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            name = f"{bn}.{p}"
+            if name not in weights:
+                raise WeightError(f"missing tensor {name!r} (BatchNorm to fold)")
+            parts[p] = weights.pop(name).astype(mx.float32)
+        conv = bn[: -len("bn")] + "conv"
+        if f"{conv}.weight" not in weights:
+            raise WeightError(f"missing tensor {conv + '.weight'!r} (conv before {bn})")
+        w = weights[f"{conv}.weight"]
+        scale = parts["weight"] * mx.rsqrt(parts["running_var"] + BN_EPS)
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        weights[f"{conv}.weight"] = (w.astype(mx.float32) * scale.reshape(shape)).astype(w.dtype)
+        weights[f"{conv}.bias"] = (parts["bias"] - parts["running_mean"] * scale).astype(w.dtype)
+
+
+def _to_mlx_tensor(key: str, value: mx.array) -> mx.array:
+    if key.startswith("vision_tower."):
+        if value.ndim == 4:  # torch conv (O, I/g, kh, kw) -> MLX (O, kh, kw, I/g)
+            value = value.transpose(0, 2, 3, 1)
+            if value.shape[1:3] == (1, 1):  # every 1x1 conv of FastViTHD is dense: our nn.Linear
+                value = value.reshape(value.shape[0], -1)
+        elif key.endswith(".gamma") and value.ndim == 3:
+            value = value.reshape(-1)
+    return value
+
+
+def sanitize(weights: Dict[str, mx.array], layout: Optional[str] = None) -> Dict[str, mx.array]:
+    """A PyTorch-layout state dict (as mx arrays) -> our names and tensor layout.
+
+    Unknown keys are kept under their source name, so that `check_weights` reports them.
+    """
+    layout = layout or detect_layout(weights)
+    rename: Callable[[str], Optional[str]] = LAYOUTS[layout][1]
+    out = {}
+    for key, value in weights.items():
+        if _UNUSED.search(key):
+            continue
+        new = rename(key)
+        out[new if new is not None else key] = value
+    if layout == "mlx":  # already in MLX tensor layout
+        return out
+    _fold_batchnorms(out)
+    return {k: _to_mlx_tensor(k, v) for k, v in out.items()}
+
+
+def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
+    """Every model parameter present with its shape, and no tensor left over."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightError(f"missing tensor {missing[0]!r}{more}")
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise WeightError(f"unknown tensor {unknown[0]!r}{more}")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise WeightError(
+                f"tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
+            )
+
+
+def from_torch(state_dict) -> Dict[str, mx.array]:
+    """A torch state dict -> mx arrays (float32 where the source is a float type)."""
+    out = {}
+    for k, t in state_dict.items():
+        t = t.detach().cpu()
+        out[k] = mx.array(t.float().numpy() if t.is_floating_point() else t.numpy())
+    return out
+
+
+def load_into(model: nn.Module, weights: Dict[str, mx.array], dtype=None) -> nn.Module:
+    """Check and load sanitized weights; cast floating tensors to `dtype` if given."""
+    check_weights(model, weights)
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+

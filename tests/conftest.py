@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random-weight FastVLM in transformers' layout, its tokenizer, and the
+same model converted to a fastvlm_mlx directory. Everything is built here: nothing is downloaded."""
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    """(reference model, transformers-layout checkpoint dir, special-token ids)."""
+    path = tmp_path_factory.mktemp("tiny_hf")
+    ids = ref.write_tokenizer(path)
+    model = ref.transformers_vlm(image_token_id=ids[ref.IMAGE])
+    model.save_pretrained(str(path))
+    ref.save_json(path / "preprocessor_config.json", {"crop_size": {"height": 256, "width": 256}})
+    return model, path, ids
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tiny_source, tmp_path_factory):
+    from fastvlm_mlx.convert import convert
+
+    _, src, _ = tiny_source
+    return convert(src, tmp_path_factory.mktemp("tiny_mlx") / "model", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_converted):
+    import fastvlm_mlx
+
+    return fastvlm_mlx.load(tiny_converted)
+
+
+@torch.no_grad()
+def reference_logits(model, input_ids, pixels_nchw):
+    pv = None if pixels_nchw is None else torch.from_numpy(pixels_nchw)
+    return model(input_ids=torch.tensor(input_ids), pixel_values=pv).logits.float().numpy()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

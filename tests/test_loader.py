@@ -1,0 +1,59 @@
+"""fastvlm_mlx.load on a converted directory: the loaded model computes what transformers does."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import fastvlm_mlx
+import reference as ref
+from conftest import reference_logits
+from fastvlm_mlx.loader import ModelLoadError
+
+
+def test_load_converted_matches_reference(tiny_source, tiny_loaded):
+    model_ref, _, ids = tiny_source
+    model, processor = tiny_loaded
+    assert processor.image_size == 256 and processor.tokens_per_image() == 16
+    text = "<|im_start|>user\n<image>\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
+    input_ids = processor.encode(text)
+    assert input_ids.count(ids[ref.IMAGE]) == 16
+    # transformers' own tokenization of the expanded prompt gives the same ids
+    expanded = text.replace("<image>", "<image>" * 16)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_source[1]))
+    assert tok(expanded, add_special_tokens=False)["input_ids"] == input_ids
+    image = np.random.default_rng(41).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    x = (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
+    expected = reference_logits(model_ref, [input_ids], x)
+    got = model(mx.array([input_ids]), processor.pixels([image]))
+    assert ref.rel_err(np.array(got), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_load_with_dtype(tiny_converted, dtype):
+    model, _ = fastvlm_mlx.load(tiny_converted, dtype=dtype)
+    assert model.vision_tower.stem[0].reparam_conv.weight.dtype == dtype
+    assert model.language_model.model.embed_tokens.weight.dtype == dtype
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        fastvlm_mlx.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        fastvlm_mlx.load(tmp_path)
+
+
+def test_missing_weights_are_named(tiny_converted, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_converted, d)
+    w = mx.load(str(d / "model.safetensors"))
+    del w["language_model.model.norm.weight"]
+    mx.save_safetensors(str(d / "model.safetensors"), w)
+    with pytest.raises(ModelLoadError, match=r"missing tensor 'language_model\.model\.norm\.weight'"):
+        fastvlm_mlx.load(d)
