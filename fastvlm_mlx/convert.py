@@ -20,8 +20,9 @@ from typing import Dict, Optional
 import mlx.core as mx
 
 from .config import ModelConfig, VisionConfig
+from .loader import ModelLoadError, build_model
 from .model import Model
-from .weights import WeightError, check_weights, detect_layout, sanitize
+from .weights import WeightError, detect_layout, sanitize
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_FILES = (
@@ -29,6 +30,7 @@ TOKENIZER_FILES = (
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json", "preprocessor_config.json",
 )
+SOURCE_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt", "*.jinja", "*.model"]
 # Apple's (LLaVA's) sentinel: its vocabulary has no image token, `<image>` marks the splice.
 APPLE_IMAGE_TOKEN = -200
 QWEN2_FIELDS = (
@@ -38,8 +40,26 @@ QWEN2_FIELDS = (
 )
 
 
-class ConvertError(ValueError):
+class ConvertError(ModelLoadError):
     """A source that cannot be converted; the message names the problem in one line."""
+
+
+def resolve_source(src) -> Path:
+    """A local directory, or a hub id fetched with huggingface-hub (its cache, its progress bars)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+        raise ConvertError(f"{src} is neither a directory nor a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=SOURCE_PATTERNS))
+    except Exception as e:  # offline, unknown repo, network: huggingface-hub has many types
+        raise ConvertError(
+            f"cannot fetch {src} from the Hugging Face hub ({type(e).__name__}); offline? download it "
+            f"elsewhere, then convert the local copy: python -m convert --model PATH --out DST"
+        ) from None
 
 
 def read_source_weights(src: Path) -> Dict[str, mx.array]:
@@ -111,13 +131,24 @@ def _token_id(tokenizer_dir: Path, token: str) -> Optional[int]:
     return tok.get("model", {}).get("vocab", {}).get(token)
 
 
-def build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelConfig:
-    """Our config.json from the source's config and tensors (sanitized names)."""
+def source_config(src: Path) -> dict:
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise ConvertError(f"{src} has no config.json")
-    cfg = json.loads(cfg_file.read_text())
-    if layout == "mlx" and "text_config" in cfg and cfg.get("model_type") == "fastvlm":
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{cfg_file} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{cfg_file} is not a JSON object")
+    return cfg
+
+
+def build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelConfig:
+    """Our config.json from the source's config and tensors (sanitized names)."""
+    cfg_file = src / "config.json"
+    cfg = source_config(src)
+    if layout == "fastvlm_mlx":
         return ModelConfig.from_dict(cfg)
     text_src = cfg.get("text_config") or cfg
     text = {k: text_src[k] for k in QWEN2_FIELDS if k in text_src}
@@ -127,7 +158,8 @@ def build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelC
     text["vocab_size"] = int(embed.shape[0])
     # The configs' tie_word_embeddings flag is not reliable: the tensors decide.
     text["tie_word_embeddings"] = "language_model.lm_head.weight" not in weights
-    if layout == "apple":
+    if layout in ("apple", "mlx-vlm"):
+        # Apple's vocabulary has no image token; mlx-vlm keeps Apple's -200 sentinel too.
         image_token = APPLE_IMAGE_TOKEN
     else:
         image_token = cfg.get("image_token_index", cfg.get("image_token_id"))
@@ -142,7 +174,16 @@ def build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelC
         image_size=resolution(src, cfg),
         image_token_id=int(image_token),
         eos_token_id=eos or [151645, 151643],
+        quantization=_quantization(cfg),
     )
+
+
+def _quantization(cfg: dict) -> Optional[dict]:
+    """An MLX export's quantization block (mlx-lm's format), reduced to what load needs."""
+    q = cfg.get("quantization") or cfg.get("quantization_config")
+    if not q:
+        return None
+    return {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
 
 
 def save_converted(dst: Path, model: Model, config: dict, tokenizer_src: Optional[Path]) -> None:
@@ -157,6 +198,14 @@ def save_converted(dst: Path, model: Model, config: dict, tokenizer_src: Optiona
                 shutil.copy2(tokenizer_src / name, dst / name)
 
 
+def _refuse_app_bundle(src: Path) -> None:
+    if list(src.glob("*.mlpackage")) or list(src.glob("*/*.mlpackage")):
+        raise ConvertError(
+            f"{src} is an Apple app bundle: its vision tower is a CoreML package, not weights; "
+            f"convert apple/FastVLM-0.5B (or -1.5B, -7B) instead"
+        )
+
+
 def convert(
     src,
     dst,
@@ -166,56 +215,70 @@ def convert(
     q_group_size: int = 64,
     force: bool = False,
 ) -> Path:
-    src, dst = Path(src), Path(dst)
+    """Convert SRC (directory or hub id) into the fastvlm_mlx directory DST; returns DST."""
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r} (float16, bfloat16 or float32)")
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise ConvertError(f"{dst} exists and is not empty: pass --force to replace it")
+    src = resolve_source(src)
     if not src.is_dir():
         raise ConvertError(f"{src} is not a directory")
     if not any(src.iterdir()):
         raise ConvertError(f"{src} is empty")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise ConvertError(f"{dst} exists and is not empty: pass --force to replace it")
+    _refuse_app_bundle(src)
+    source_config(src)
+    raw = read_source_weights(src)
     if not ((src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file()):
         raise ConvertError(f"{src} has no tokenizer (tokenizer.json / tokenizer_config.json)")
-
-    raw = read_source_weights(src)
     try:
         layout = detect_layout(raw)
         weights = sanitize(raw, layout)
+        del raw
         config = build_config(src, layout, weights)
-        model = Model(config)
-        check_weights(model, weights)
+        if config.quantization and quantize:
+            raise ConvertError(f"{src} is already quantized ({config.quantization['bits']} bits)")
+        target = DTYPES[dtype]
+        weights = {
+            k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+        model = build_model(config, weights)
     except WeightError as e:
         raise ConvertError(str(e)) from None
-    target = DTYPES[dtype]
-    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
+    del weights
     out_config = config.to_dict()
     if quantize:
         from mlx_lm.utils import quantize_model
 
-        # The decoder and connector are quantized; the vision tower stays in `dtype`.
+        # The decoder and connector are quantized; the vision tower stays in `dtype` (its convs
+        # have no quantized kernels, and it is a small share of the weights).
         model, out_config = quantize_model(
             model, out_config, q_group_size, q_bits,
             quant_predicate=lambda p, m: p.startswith(("language_model.", "multi_modal_projector.")),
         )
+        out_config["quantization"] = {
+            k: v for k, v in out_config["quantization"].items() if k in ("group_size", "bits", "mode")
+        }
     mx.eval(model.parameters())
+    write_atomically(dst, lambda tmp: save_converted(tmp, model, out_config, src))
+    return dst
 
+
+def write_atomically(dst: Path, write) -> None:
+    """`write(tmp)` into a temporary directory beside DST, then rename it into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    old = dst.with_name(f".{dst.name}.old")
     try:
-        save_converted(tmp, model, out_config, src)
+        write(tmp)
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
+        tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:

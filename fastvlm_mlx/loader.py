@@ -5,7 +5,10 @@ parameter names and tensor layout, and the tokenizer files.
 """
 
 import glob
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -87,11 +90,53 @@ def load_converted(
     return model, processor
 
 
+def is_converted(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return cfg.get("model_type") == "fastvlm" and "text_config" in cfg
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASTVLM_MLX_CACHE", Path.home() / ".cache" / "fastvlm_mlx"))
+
+
+def _source_key(src: Path) -> str:
+    """Names and sizes and mtimes of the source's files: a new snapshot, a new conversion."""
+    h = hashlib.sha256(str(src.resolve()).encode())
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def converted_path(path_or_repo: Union[str, Path]) -> Path:
+    """A converted directory for PATH_OR_REPO, converting (once, into the cache) when needed."""
+    from .convert import convert, resolve_source
+
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir() and is_converted(path):
+        return path
+    src = resolve_source(path_or_repo)
+    if is_converted(src):
+        return src
+    name = re.sub(r"[^\w.-]+", "--", str(path_or_repo)).strip("-")[-80:]
+    dst = cache_root() / f"{name}-{_source_key(src)}"
+    if not is_converted(dst):
+        convert(src, dst, dtype="float16", force=True)
+    return dst
+
+
 def load(
     path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False
 ) -> Tuple[Model, Processor]:
-    """Load FastVLM: `model, processor = load("path/to/converted")`.
+    """Load FastVLM: `model, processor = load("apple/FastVLM-0.5B")`.
 
-    `dtype` casts the floating-point weights (float32, float16, bfloat16) after loading.
+    PATH_OR_REPO is a converted directory, or a checkpoint in any layout the converter reads
+    (a directory or a hub id), which is converted once to float16 into the cache
+    ($FASTVLM_MLX_CACHE, default ~/.cache/fastvlm_mlx) and reused after that. `dtype` casts the
+    floating-point weights (float32, float16, bfloat16) after loading.
     """
-    return load_converted(path_or_repo, dtype=dtype, lazy=lazy)
+    return load_converted(converted_path(path_or_repo), dtype=dtype, lazy=lazy)

@@ -27,10 +27,14 @@ APPLE_NETWORK = {
     9: "stages.4.pos_emb", 10: "stages.4.blocks",
 }
 
-# Keys that no layout's inference graph uses; dropped on purpose.
-_UNUSED = re.compile(
-    r"(^|\.)head\.(proj|fc)|num_batches_tracked$|rotary_emb\.inv_freq$"
-)
+
+def is_unused(key: str) -> bool:
+    """Tensors no layout's inference graph uses, dropped on purpose: the vision pooling head
+    (`head.proj` in Apple's layout, `head.fc` in timm's, `head` in mlx-vlm's), BatchNorm step
+    counters and precomputed rotary frequencies."""
+    if key.endswith(("num_batches_tracked", "rotary_emb.inv_freq")):
+        return True
+    return "vision" in key and re.search(r"\.head\.(proj|fc\.|weight|bias)", key) is not None
 
 
 class WeightError(ValueError):
@@ -79,23 +83,39 @@ def _rename_apple(key: str) -> Optional[str]:
     return None
 
 
+def _rename_mlx_vlm(key: str) -> Optional[str]:
+    prefix = "vision_tower.vision_model."
+    if key.startswith(prefix):
+        return "vision_tower." + apple_vision_name(
+            key[len(prefix):].replace("patch_embed.blocks.", "patch_embed.")
+        )
+    m = re.match(r"mm_projector\.([02])\.(.*)", key)
+    if m:
+        return f"multi_modal_projector.linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}"
+    if key.startswith("language_model."):
+        return key
+    return None
+
+
 def _rename_ours(key: str) -> Optional[str]:
     if key.startswith(("vision_tower.", "multi_modal_projector.", "language_model.")):
         return key
     return None
 
 
-# Layout name -> (a key that only it has, renamer). Detection reads keys, never directory names.
+# Layout name -> (a key prefix only it has, renamer, tensors in PyTorch layout?). Detection reads
+# the tensors' names, never the directory's name.
 LAYOUTS: Dict[str, tuple] = {
-    "transformers": ("model.vision_tower.timm_model.", _rename_transformers),
-    "apple": ("model.vision_tower.vision_tower.model.", _rename_apple),
-    "mlx": ("vision_tower.stem.", _rename_ours),
+    "transformers": ("model.vision_tower.timm_model.", _rename_transformers, True),
+    "apple": ("model.vision_tower.vision_tower.model.", _rename_apple, True),
+    "mlx-vlm": ("vision_tower.vision_model.", _rename_mlx_vlm, False),
+    "fastvlm_mlx": ("vision_tower.stem.", _rename_ours, False),
 }
 
 
 def detect_layout(keys: Iterable[str]) -> str:
     keys = list(keys)
-    for name, (marker, _) in LAYOUTS.items():
+    for name, (marker, _, _) in LAYOUTS.items():
         if any(k.startswith(marker) for k in keys):
             return name
     sample = ", ".join(sorted(keys)[:3]) or "no tensors"
@@ -121,34 +141,36 @@ def _fold_batchnorms(weights: Dict[str, mx.array]) -> None:
         weights[f"{conv}.bias"] = (parts["bias"] - parts["running_mean"] * scale).astype(w.dtype)
 
 
-def _to_mlx_tensor(key: str, value: mx.array) -> mx.array:
-    if key.startswith("vision_tower."):
-        if value.ndim == 4:  # torch conv (O, I/g, kh, kw) -> MLX (O, kh, kw, I/g)
+def _to_mlx_tensor(key: str, value: mx.array, torch_layout: bool) -> mx.array:
+    if not key.startswith("vision_tower."):
+        return value
+    if value.ndim == 4:
+        if torch_layout:  # torch conv (O, I/g, kh, kw) -> MLX (O, kh, kw, I/g)
             value = value.transpose(0, 2, 3, 1)
-            if value.shape[1:3] == (1, 1):  # every 1x1 conv of FastViTHD is dense: our nn.Linear
-                value = value.reshape(value.shape[0], -1)
-        elif key.endswith(".gamma") and value.ndim == 3:
-            value = value.reshape(-1)
+        if value.shape[1:3] == (1, 1):  # every 1x1 conv of FastViTHD is dense: our nn.Linear
+            value = value.reshape(value.shape[0], -1)
+    elif key.endswith(".gamma") and value.ndim == 3:  # (C, 1, 1) or mlx-vlm's (1, 1, C)
+        value = value.reshape(-1)
     return value
 
 
 def sanitize(weights: Dict[str, mx.array], layout: Optional[str] = None) -> Dict[str, mx.array]:
-    """A PyTorch-layout state dict (as mx arrays) -> our names and tensor layout.
+    """A checkpoint's tensors (as mx arrays) -> our names and tensor layout.
 
     Unknown keys are kept under their source name, so that `check_weights` reports them.
     """
     layout = layout or detect_layout(weights)
-    rename: Callable[[str], Optional[str]] = LAYOUTS[layout][1]
+    _, rename, torch_layout = LAYOUTS[layout]
     out = {}
     for key, value in weights.items():
-        if _UNUSED.search(key):
+        if is_unused(key):
             continue
         new = rename(key)
         out[new if new is not None else key] = value
-    if layout == "mlx":  # already in MLX tensor layout
+    if layout == "fastvlm_mlx":  # our own output: nothing to do
         return out
     _fold_batchnorms(out)
-    return {k: _to_mlx_tensor(k, v) for k, v in out.items()}
+    return {k: _to_mlx_tensor(k, v, torch_layout) for k, v in out.items()}
 
 
 def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:

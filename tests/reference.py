@@ -7,6 +7,7 @@ RepCPE) are identity-centred, as trained ones are, so the signal survives the de
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,73 @@ def write_tokenizer(path: Path, vocab_size=400) -> dict:
 
 def save_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
+
+
+# --- Other checkpoint layouts, built from a transformers-layout state dict by the documented
+# --- mappings (fastvlm-reference.md, "Checkpoint layouts").
+
+APPLE_NETWORK = {
+    "stages.0.blocks": 0, "stages.1.downsample": 1, "stages.1.blocks": 2, "stages.2.downsample": 3,
+    "stages.2.blocks": 4, "stages.3.downsample": 5, "stages.3.pos_emb": 6, "stages.3.blocks": 7,
+    "stages.4.downsample": 8, "stages.4.pos_emb": 9, "stages.4.blocks": 10,
+}
+
+
+def to_apple_key(key: str) -> str:
+    for old, new in (
+        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+        ("model.language_model.", "model."),
+    ):
+        if key.startswith(old):
+            return new + key[len(old):]
+    prefix = "model.vision_tower.timm_model."
+    if not key.startswith(prefix):
+        return key
+    k = key[len(prefix):]
+    m = re.match(r"(stages\.\d+\.(?:blocks|downsample|pos_emb))(.*)", k)
+    if m:
+        k = f"network.{APPLE_NETWORK[m.group(1)]}{m.group(2)}"
+    for old, new in (
+        ("stem.", "patch_embed."), ("final_conv.", "conv_exp."), ("se.fc1.", "se.reduce."),
+        ("se.fc2.", "se.expand."), ("mlp.", "convffn."), ("proj.0.reparam_conv.", "proj.0.lkb_reparam."),
+    ):
+        k = k.replace(old, new)
+    k = re.sub(r"(layer_scale(_[12])?)\.gamma$", r"\1", k)
+    return "model.vision_tower.vision_tower.model." + k
+
+
+def to_mlx_vlm(state: dict) -> dict:
+    """mlx-vlm's export: Apple's vision names under vision_tower.vision_model. (stem as
+    patch_embed.blocks.N), MLX conv layout, layer scales (1, 1, C), head.proj kept, projector
+    mm_projector.0/.2, decoder under language_model. Values: numpy float32."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+        k = to_apple_key(k)
+        if k.startswith("model.vision_tower.vision_tower.model."):
+            k = "vision_tower.vision_model." + k[len("model.vision_tower.vision_tower.model."):]
+            k = k.replace(".patch_embed.", ".patch_embed.blocks.")
+            if v.ndim == 4:
+                v = v.transpose(0, 2, 3, 1)
+            if re.search(r"layer_scale(_[12])?$", k):
+                v = v.reshape(1, 1, -1)
+        elif k.startswith("model.mm_projector."):
+            k = k[len("model."):]
+        elif k.startswith("model."):
+            k = "language_model." + k
+        elif k.startswith("lm_head."):
+            k = "language_model." + k
+        out[k] = np.ascontiguousarray(v)
+    out["vision_tower.vision_model.head.proj"] = np.zeros((3072, 768), np.float32)
+    return out
+
+
+def apple_config(size: int, text: dict) -> dict:
+    return {
+        "model_type": "llava_qwen2", "architectures": ["LlavaQwen2ForCausalLM"],
+        "mm_vision_tower": f"mobileclip_l_{size}", "mm_hidden_size": 3072,
+        "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": "pad",
+        # Apple's configs say tied even where lm_head.weight exists: the tensors must decide.
+        **{**text, "tie_word_embeddings": True},
+    }

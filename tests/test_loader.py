@@ -40,10 +40,13 @@ def test_load_with_dtype(tiny_converted, dtype):
 
 
 def test_not_a_model_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="is empty"):
+        fastvlm_mlx.load(tmp_path)
+    (tmp_path / "weights.txt").write_text("x")
     with pytest.raises(ModelLoadError, match="no config.json"):
         fastvlm_mlx.load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match="config.json is not valid JSON"):
         fastvlm_mlx.load(tmp_path)
 
 

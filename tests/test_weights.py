@@ -1,7 +1,5 @@
 """Checkpoint import: renames, transposes, BatchNorm folding, and errors that name the tensor."""
 
-import re
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -24,38 +22,13 @@ def model():
     )
 
 
-TIMM_TO_APPLE_STAGE = {v: k for k, v in W.APPLE_NETWORK.items()}
-
-
-def to_apple_key(key: str) -> str:
-    """The documented Apple names, built by inverting the mapping (fastvlm-reference.md)."""
-    for old, new in (
-        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-        ("model.language_model.", "model."),
-    ):
-        if key.startswith(old):
-            return new + key[len(old):]
-    prefix = "model.vision_tower.timm_model."
-    if not key.startswith(prefix):
-        return key
-    k = key[len(prefix):]
-    m = re.match(r"(stages\.\d+\.(?:blocks|downsample|pos_emb))(.*)", k)
-    if m:
-        k = f"network.{TIMM_TO_APPLE_STAGE[m.group(1)]}{m.group(2)}"
-    for old, new in (
-        ("stem.", "patch_embed."), ("final_conv.", "conv_exp."), ("se.fc1.", "se.reduce."),
-        ("se.fc2.", "se.expand."), ("mlp.", "convffn."), ("proj.0.reparam_conv.", "proj.0.lkb_reparam."),
-    ):
-        k = k.replace(old, new)
-    k = re.sub(r"(layer_scale(_[12])?)\.gamma$", r"\1", k)
-    return "model.vision_tower.vision_tower.model." + k
+to_apple_key = ref.to_apple_key
 
 
 def test_layouts_are_detected_from_keys(hf_state):
     assert W.detect_layout(hf_state) == "transformers"
     assert W.detect_layout({to_apple_key(k): v for k, v in hf_state.items()}) == "apple"
-    assert W.detect_layout(W.sanitize(hf_state)) == "mlx"
+    assert W.detect_layout(W.sanitize(hf_state)) == "fastvlm_mlx"
     with pytest.raises(W.WeightError, match="unknown checkpoint layout"):
         W.detect_layout({"encoder.weight": mx.zeros(1)})
 

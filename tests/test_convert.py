@@ -1,0 +1,319 @@
+"""The converter: every source layout -> one MLX layout that load() reads and that computes what
+the PyTorch reference computes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import fastvlm_mlx
+import reference as ref
+from conftest import reference_logits
+from fastvlm_mlx.convert import ConvertError, convert
+from fastvlm_mlx.processing import format_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        if (src / f).exists():
+            shutil.copy2(src / f, dst / f)
+
+
+def image_and_pixels(seed=0, size=256):
+    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return image, (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
+
+
+def check_matches_reference(converted: Path, tiny_source, n_tokens=8):
+    """Logits over all positions (<= 1e-4) and greedy tokens equal transformers' (float32)."""
+    model_ref, _, ids = tiny_source
+    model, processor = fastvlm_mlx.load(converted)
+    image, x = image_and_pixels()
+    input_ids = processor.encode(format_prompt("Describe the image.", 1))
+    ref_ids = [ids[ref.IMAGE] if i == processor.image_token_id else i for i in input_ids]
+    expected = reference_logits(model_ref, [ref_ids], x)
+    got = np.array(model(mx.array([input_ids]), processor.pixels([image])))
+    err = ref.rel_err(got, expected)
+    assert err <= 1e-4, err
+    # greedy continuation: the reference's generate vs our model stepping on its own cache
+    with torch.no_grad():
+        out = model_ref.generate(
+            input_ids=torch.tensor([ref_ids]), pixel_values=torch.from_numpy(x),
+            max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )
+    expected_tokens = out[0, len(ref_ids):].tolist()
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([input_ids]), processor.pixels([image]), cache=cache)
+    tokens = []
+    for _ in range(n_tokens):
+        t = int(logits[0, -1].argmax())
+        tokens.append(t)
+        logits = model(mx.array([[t]]), cache=cache)
+    assert tokens == expected_tokens
+    return model, processor
+
+
+def test_transformers_layout(tiny_source, tmp_path):
+    out = convert(tiny_source[1], tmp_path / "out", dtype="float32")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "fastvlm" and cfg["image_size"] == 256
+    assert cfg["image_token_id"] == tiny_source[2][ref.IMAGE]
+    assert cfg["vision_config"]["depths"] == [1, 1, 1, 1, 1]
+    assert cfg["text_config"]["tie_word_embeddings"] is False
+    assert cfg["eos_token_id"] == [tiny_source[2][ref.IM_END], tiny_source[2][ref.ENDOFTEXT]]
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    check_matches_reference(out, tiny_source)
+
+
+def write_apple(path: Path, tiny_source, fmt: str) -> Path:
+    model_ref, src, _ = tiny_source
+    copy_tokenizer(src, path)
+    state = {ref.to_apple_key(k): v.contiguous() for k, v in model_ref.state_dict().items()}
+    assert not any("timm_model" in k for k in state)
+    if fmt == "bin":
+        torch.save(state, path / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path / "model.safetensors"))
+    # no preprocessor_config.json: the resolution comes from mm_vision_tower's suffix
+    ref.save_json(path / "config.json", ref.apple_config(256, ref.text_config()))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_apple_layout(tiny_source, tmp_path, fmt):
+    src = write_apple(tmp_path / "apple", tiny_source, fmt)
+    out = convert(src, tmp_path / "out", dtype="float32")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["image_size"] == 256  # from mobileclip_l_256
+    assert cfg["image_token_id"] == -200  # no image token in Apple's vocabulary
+    assert cfg["text_config"]["tie_word_embeddings"] is False  # lm_head.weight exists
+    check_matches_reference(out, tiny_source)
+
+
+def write_mlx_vlm(path: Path, tiny_source, bits=None) -> Path:
+    model_ref, src, _ = tiny_source
+    copy_tokenizer(src, path)
+    weights = {k: mx.array(v) for k, v in ref.to_mlx_vlm(model_ref.state_dict()).items()}
+    cfg = ref.apple_config(256, ref.text_config())
+    cfg["image_token_index"] = -200
+    if bits:
+        for k in [k for k in weights if k.startswith("language_model.") and weights[k].ndim == 2]:
+            w, scales, biases = mx.quantize(weights[k], group_size=64, bits=bits)
+            base = k[: -len(".weight")]
+            weights.update({k: w, f"{base}.scales": scales, f"{base}.biases": biases})
+        cfg["quantization"] = {"group_size": 64, "bits": bits}
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    ref.save_json(path / "config.json", cfg)
+    ref.save_json(path / "preprocessor_config.json", {"crop_size": {"height": 256, "width": 256}})
+    return path
+
+
+def test_mlx_vlm_layout(tiny_source, tmp_path):
+    src = write_mlx_vlm(tmp_path / "mlxvlm", tiny_source)
+    check_matches_reference(convert(src, tmp_path / "out", dtype="float32"), tiny_source)
+
+
+def test_quantized_mlx_vlm_layout(tiny_source, tmp_path):
+    """A 4-bit mlx-community export computes what the reference does with the same (dequantized)
+    decoder weights."""
+    src = write_mlx_vlm(tmp_path / "q", tiny_source, bits=4)
+    out = convert(src, tmp_path / "out", dtype="float32")
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    model, processor = fastvlm_mlx.load(out)
+    # the reference, with its decoder weights replaced by the dequantized 4-bit ones
+    model_ref, _, ids = tiny_source
+    deq = ref.transformers_vlm(image_token_id=ids[ref.IMAGE])
+    deq.load_state_dict(model_ref.state_dict())
+    qw = mx.load(str(src / "model.safetensors"))
+    with torch.no_grad():
+        for name, p in deq.named_parameters():
+            key = None
+            if name.startswith("model.language_model."):
+                key = "language_model.model." + name[len("model.language_model."):]
+            elif name.startswith("lm_head."):
+                key = "language_model." + name
+            if key and key.replace(".weight", ".scales") in qw and key.endswith(".weight"):
+                b = key[: -len(".weight")]
+                w = mx.dequantize(qw[key], qw[b + ".scales"], qw[b + ".biases"], group_size=64, bits=4)
+                p.copy_(torch.from_numpy(np.array(w)))
+    image, x = image_and_pixels(1)
+    input_ids = processor.encode(format_prompt("Describe the image.", 1))
+    ref_ids = [ids[ref.IMAGE] if i == -200 else i for i in input_ids]
+    got = np.array(model(mx.array([input_ids]), processor.pixels([image])))
+    assert ref.rel_err(got, reference_logits(deq, [ref_ids], x)) <= 1e-4
+
+
+def test_own_output_is_a_no_op(tiny_converted, tiny_source, tmp_path):
+    out = convert(tiny_converted, tmp_path / "again", dtype="float32")
+    a = mx.load(str(Path(tiny_converted) / "model.safetensors"))
+    b = mx.load(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def first_step_logprobs(path):
+    model, processor = fastvlm_mlx.load(path)
+    image, _ = image_and_pixels(2)
+    input_ids = processor.encode(format_prompt("Describe the image.", 1))
+    logits = model(mx.array([input_ids]), processor.pixels([image]))[0, -1].astype(mx.float32)
+    return np.array(logits - mx.logsumexp(logits)), model, processor
+
+
+def test_quantized_outputs_load_generate_and_stay_close(tiny_source, tmp_path):
+    fp16, _, _ = first_step_logprobs(convert(tiny_source[1], tmp_path / "f16", dtype="float16"))
+    p = np.exp(fp16)
+    kl = {}
+    for bits in (4, 8):
+        out = convert(tiny_source[1], tmp_path / f"q{bits}", quantize=True, q_bits=bits, q_group_size=32)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["quantization"] == {"group_size": 32, "bits": bits, "mode": "affine"}
+        q, model, processor = first_step_logprobs(out)
+        assert model.language_model.model.layers[0].self_attn.q_proj.bits == bits
+        assert model.multi_modal_projector.linear_1.bits == bits
+        assert "scales" not in model.vision_tower.stem[0].reparam_conv  # the tower stays float16
+        kl[bits] = float((p * (fp16 - q)).sum())
+        print(f"{bits}-bit vs float16, first-step log-probs: max |diff| "
+              f"{float(np.abs(fp16 - q).max()):.3f}, KL {kl[bits]:.4f}, "
+              f"top-1 {'same' if q.argmax() == fp16.argmax() else 'differs'}")
+        # and it generates: greedy steps on its own KV cache
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(model)
+        image, _ = image_and_pixels(2)
+        ids = processor.encode(format_prompt("Describe the image.", 1))
+        logits = model(mx.array([ids]), processor.pixels([image]), cache=cache)
+        for _ in range(4):
+            t = int(logits[0, -1].argmax())
+            assert 0 <= t < 512
+            logits = model(mx.array([[t]]), cache=cache)
+    # The random test decoder has a deliberately sharp lm_head, so 4-bit noise moves it a lot;
+    # 8 bits must move it far less, and little in absolute terms.
+    assert kl[8] < 0.05
+    assert kl[8] < kl[4] / 4
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "convert", *map(str, args)], cwd=ROOT, capture_output=True,
+        text=True, env={**os.environ, **(env or {})}, timeout=300,
+    )
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_sources_are_refused_in_one_line(tiny_source, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli("--model", empty, "--out", tmp_path / "o1"), "is empty")
+
+    unknown = tmp_path / "unknown"
+    copy_tokenizer(tiny_source[1], unknown)
+    ref.save_json(unknown / "config.json", {"model_type": "bert"})
+    mx.save_safetensors(str(unknown / "model.safetensors"), {"encoder.weight": mx.zeros((2, 2))})
+    assert_one_line_error(run_cli("--model", unknown, "--out", tmp_path / "o2"), "unknown checkpoint layout")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_source[1], truncated)
+    f = truncated / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert_one_line_error(run_cli("--model", truncated, "--out", tmp_path / "o3"), "model.safetensors")
+
+    no_tok = tmp_path / "notok"
+    shutil.copytree(tiny_source[1], no_tok)
+    for name in TOKENIZER_FILES:
+        (no_tok / name).unlink(missing_ok=True)
+    assert_one_line_error(run_cli("--model", no_tok, "--out", tmp_path / "o4"), "no tokenizer")
+
+    bundle = tmp_path / "FastVLM-0.5B-fp16"
+    (bundle / "fastvithd.mlpackage").mkdir(parents=True)
+    ref.save_json(bundle / "config.json", {})
+    assert_one_line_error(run_cli("--model", bundle, "--out", tmp_path / "o5"), "CoreML", "apple/FastVLM")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_misshaped_tensor_is_named_and_nothing_is_written(tiny_source, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_source[1], bad)
+    w = mx.load(str(bad / "model.safetensors"))
+    w["model.multi_modal_projector.linear_2.bias"] = mx.zeros((65,))
+    mx.save_safetensors(str(bad / "model.safetensors"), w)
+    with pytest.raises(ConvertError, match=r"linear_2\.bias.*\(65,\).*\(64,\)"):
+        convert(bad, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no output, no temp dir
+
+
+def test_non_empty_destination_needs_force(tiny_source, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    assert_one_line_error(run_cli("--model", tiny_source[1], "--out", dst), "--force")
+    assert (dst / "keep.txt").exists()
+    r = run_cli("--hf-path", tiny_source[1], "--mlx-path", dst, "--force", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def fill_hub_cache(hf_home: Path, repo: str, files_from: Path) -> None:
+    """A local Hugging Face hub cache holding REPO, as huggingface-hub lays it out."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    snap = repo_dir / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in files_from.iterdir():
+        shutil.copy2(f, snap / f.name)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision)
+
+
+def test_hub_ids_offline(tiny_source, tmp_path):
+    hf_home = tmp_path / "hf"
+    fill_hub_cache(hf_home, "test-org/FastVLM-tiny", tiny_source[1])
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "FASTVLM_MLX_CACHE": str(tmp_path / "cache")}
+    r = run_cli("--model", "test-org/FastVLM-tiny", "--out", tmp_path / "out", "--dtype", "float32", env=env)
+    assert r.returncode == 0, r.stderr
+    check_matches_reference(tmp_path / "out", tiny_source)
+
+    r = run_cli("--model", "test-org/not-there", "--out", tmp_path / "o2", env=env)
+    assert_one_line_error(r, "--model PATH")
+
+    # load(hub id) converts once into the cache and reuses it after that
+    script = (
+        "import fastvlm_mlx, fastvlm_mlx.convert as c, fastvlm_mlx.loader as l\n"
+        "calls = []\n"
+        "real = c.convert\n"
+        "c.convert = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        "for _ in range(2):\n"
+        "    model, processor = fastvlm_mlx.load('test-org/FastVLM-tiny')\n"
+        "print(len(calls), l.converted_path('test-org/FastVLM-tiny'))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, **env}, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    n_calls, path = r.stdout.split()
+    assert n_calls == "1"
+    assert Path(path).parent == tmp_path / "cache"
