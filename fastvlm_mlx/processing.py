@@ -8,6 +8,9 @@ how Apple's reference splices (its vocabulary has no image token) and what trans
 gives with its real `<image>` token.
 """
 
+import hashlib
+import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -35,31 +38,124 @@ def check_resolution(size: int, stride: int = 64) -> int:
     return size
 
 
-def to_pil(image: ImageInput) -> Image.Image:
-    """A path, PIL image or HWC numpy array (uint8 RGB, or float in [0, 1]) -> RGB PIL image."""
+# Settings with sane defaults; tests and apps lower them (argument, or environment variable).
+DEFAULT_MAX_PIXELS = 100_000_000  # a decoded image above this is refused (decompression bombs)
+DEFAULT_MAX_URL_BYTES = 50 * 2**20  # an image URL's body above this is refused
+DEFAULT_URL_TIMEOUT = 15.0  # seconds, for connecting and for each read
+
+
+def _setting(value, env: str, default, cast):
+    if value is not None:
+        return cast(value)
+    raw = os.environ.get(env)
+    if raw:
+        try:
+            return cast(raw)
+        except ValueError:
+            raise InputError(f"{env}={raw!r} is not a number") from None
+    return default
+
+
+def pixel_cap(value: Optional[int] = None) -> int:
+    return _setting(value, "FASTVLM_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)
+
+
+def url_byte_cap(value: Optional[int] = None) -> int:
+    return _setting(value, "FASTVLM_MAX_URL_BYTES", DEFAULT_MAX_URL_BYTES, int)
+
+
+def url_timeout(value: Optional[float] = None) -> float:
+    return _setting(value, "FASTVLM_URL_TIMEOUT", DEFAULT_URL_TIMEOUT, float)
+
+
+def is_url(image) -> bool:
+    return isinstance(image, str) and image.lower().startswith(("http://", "https://"))
+
+
+def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int] = None) -> bytes:
+    """GET an http(s) URL with a timeout and a cap on the body size."""
+    import urllib.error
+    import urllib.request
+
+    timeout, max_bytes = url_timeout(timeout), url_byte_cap(max_bytes)
+    request = urllib.request.Request(url, headers={"User-Agent": "fastvlm-mlx"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise InputError(f"image URL {url} is {int(length)} bytes, over the cap of {max_bytes}")
+            data = response.read(max_bytes + 1)
+    except InputError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise InputError(f"cannot fetch image URL {url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise InputError(f"cannot fetch image URL {url}: {e.reason}") from None
+    except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
+        raise InputError(f"cannot fetch image URL {url}: {e or type(e).__name__}") from None
+    if len(data) > max_bytes:
+        raise InputError(f"image URL {url} is over the cap of {max_bytes} bytes")
+    return data
+
+
+def _open(source, name: str, cap: int) -> Image.Image:
+    """Decode an encoded image (a path or a file object), refusing bombs and broken files."""
+    try:
+        with Image.open(source) as im:
+            w, h = im.size
+            if w * h > cap:
+                raise InputError(
+                    f"image {name} is {w}x{h} = {w * h} pixels, over the cap of {cap} "
+                    "(FASTVLM_MAX_PIXELS / --max-pixels)"
+                )
+            im.load()
+            return im.copy()
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image {name} is too large: {e}") from None
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        reason = str(e) or type(e).__name__
+        if "cannot identify image file" in reason:
+            reason = "not a supported image file"
+        raise InputError(f"cannot read image {name}: {reason}") from None
+
+
+def to_pil(
+    image: ImageInput,
+    max_pixels: Optional[int] = None,
+    timeout: Optional[float] = None,
+    max_bytes: Optional[int] = None,
+) -> Image.Image:
+    """A path, http(s) URL, PIL image or HWC numpy array (uint8 RGB, or float in [0, 1]) -> RGB
+    PIL image, EXIF orientation applied. Images over `max_pixels` are refused before decoding."""
+    cap = pixel_cap(max_pixels)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 2:
             arr = np.stack([arr] * 3, axis=-1)
         if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
             raise InputError(f"image array must be HxWx3 (or HxWx4), got shape {arr.shape}")
+        if arr.shape[0] * arr.shape[1] > cap:
+            raise InputError(f"image array of {arr.shape[1]}x{arr.shape[0]} is over the pixel cap of {cap}")
         if np.issubdtype(arr.dtype, np.floating):
             arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
         elif arr.dtype != np.uint8:
             raise InputError(f"image array must be uint8 or float in [0, 1], got {arr.dtype}")
-        return Image.fromarray(arr[..., :3])
-    if isinstance(image, (str, Path)):
+        return Image.fromarray(np.ascontiguousarray(arr[..., :3]))
+    if is_url(image):
+        image = _open(io.BytesIO(fetch_url(image, timeout, max_bytes)), image, cap)
+    elif isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise InputError(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy()
-        except Exception as e:
-            raise InputError(f"cannot read image {path}: {e}") from None
+        if path.stat().st_size == 0:
+            raise InputError(f"cannot read image {path}: the file is empty (0 bytes)")
+        image = _open(path, str(path), cap)
     if not isinstance(image, Image.Image):
         raise InputError(f"unsupported image input of type {type(image).__name__}")
+    if image.size[0] * image.size[1] > cap:
+        raise InputError(f"image of {image.size[0]}x{image.size[1]} is over the pixel cap of {cap}")
     image = ImageOps.exif_transpose(image)
     if image.mode != "RGB":
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -68,6 +164,13 @@ def to_pil(image: ImageInput) -> Image.Image:
             image = Image.alpha_composite(background, image)
         image = image.convert("RGB")
     return image
+
+
+def image_digest(image: Image.Image) -> str:
+    """A digest of an RGB image's content (its decoded pixels and size), for feature caches."""
+    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
 
 
 def preprocess_image(image: ImageInput, size: int) -> np.ndarray:
@@ -137,7 +240,16 @@ class Processor:
             Path(path) / "tokenizer.json"
         ).is_file():
             raise InputError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
-        tokenizer = load_tokenizer(Path(path), eos_token_ids=config.eos_token_id)
+        # AutoTokenizer reads config.json, whose model_type (ours) transformers does not know,
+        # and warns about it; the tokenizer files themselves are standard.
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tokenizer = load_tokenizer(Path(path), eos_token_ids=config.eos_token_id)
+        finally:
+            hf_logging.set_verbosity(level)
         return cls(
             tokenizer=tokenizer,
             image_size=config.image_size,

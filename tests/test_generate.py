@@ -1,0 +1,339 @@
+"""generate: the CLI (subprocess) and the Python API on the tiny converted model, against the
+transformers reference; the chat KV reuse, the feature cache, and bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvlm_mlx.generate import ChatSession, FeatureCache, generate, stream_generate
+from fastvlm_mlx.processing import DEFAULT_SYSTEM, format_prompt, preprocess_image
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "What is in this picture?"
+N_TOKENS = 12
+TOL = 1e-4
+
+
+def write_png(path, seed, size=(300, 200)):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    return write_png(d / "a.png", 1), write_png(d / "b.png", 2, size=(180, 240))
+
+
+def run_cli(*args, stdin=None, env=None, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "fastvlm_mlx.generate", *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, input=stdin, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_source, tiny_loaded, images):
+    """transformers' greedy tokens and raw log-probs for PROMPT about images[0]."""
+    model, _, ids = tiny_source
+    _, processor = tiny_loaded
+    prompt_ids = processor.encode(format_prompt(PROMPT, 1, DEFAULT_SYSTEM))
+    pixels = preprocess_image(images[0], 256).transpose(2, 0, 1)[None]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt_ids]), pixel_values=torch.from_numpy(pixels),
+            max_new_tokens=N_TOKENS, min_new_tokens=N_TOKENS, do_sample=False, eos_token_id=None,
+            pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+        )
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    logprobs = [
+        torch.log_softmax(step[0].double(), -1)[t].item() for step, t in zip(out.logits, tokens)
+    ]
+    # Our run stops at the first EOS (which is not one of its tokens).
+    eos = set(processor.eos_token_ids)
+    stop = next((i for i, t in enumerate(tokens) if t in eos), None)
+    if stop is not None:
+        tokens, logprobs = tokens[:stop], logprobs[:stop]
+    assert len(set(tokens)) > 3, "the reference repeats itself; the comparison would be weak"
+    return {"prompt_ids": prompt_ids, "tokens": tokens, "logprobs": logprobs, "stopped": stop is not None}
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI, end to end
+
+
+def test_cli_json_greedy_matches_transformers(tiny_converted, images, reference):
+    p = run_cli("--model", tiny_converted, "--image", images[0], "--prompt", PROMPT,
+                "--max-tokens", N_TOKENS, "--json")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("\n") == 1 and p.stdout.endswith("}\n"), "exactly one JSON object"
+    out = json.loads(p.stdout)
+    for key in ("text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "image_tokens",
+                "timings", "peak_memory_gb", "feature_cache_hit"):
+        assert key in out, key
+    for key in ("load_ms", "preprocess_ms", "vision_ms", "connector_ms", "prefill_ms",
+                "first_token_ms", "ttft_ms", "decode_tps"):
+        assert isinstance(out["timings"][key], (int, float)), key
+    t = out["timings"]
+    parts = t["preprocess_ms"] + t["vision_ms"] + t["connector_ms"] + t["prefill_ms"] + t["first_token_ms"]
+    assert abs(t["ttft_ms"] - parts) < 0.01
+    assert t["vision_ms"] > 0 and t["prefill_ms"] > 0 and t["first_token_ms"] > 0
+    assert out["feature_cache_hit"] is False
+
+    assert out["token_ids"] == reference["tokens"]
+    assert len(out["token_ids"]) == len(out["logprobs"])
+    np.testing.assert_allclose(out["logprobs"], reference["logprobs"], atol=TOL, rtol=0)
+    assert out["finish_reason"] == ("stop" if reference["stopped"] else "length")
+    assert out["prompt_tokens"] == len(reference["prompt_ids"])
+    assert out["image_tokens"] == 16
+
+
+def test_cli_streams_text_and_prints_stats(tiny_converted, images):
+    p = run_cli("--model", tiny_converted, "--image", images[0], "--max-tokens", 6)
+    assert p.returncode == 0, p.stderr
+    for needle in ("TTFT", "preprocess", "vision", "connector", "prefill", "first token",
+                   "Prompt:", "image", "tokens/s", "Peak memory"):
+        assert needle in p.stderr, needle
+    assert "TTFT" not in p.stdout
+    q = run_cli("--model", tiny_converted, "--image", images[0], "--max-tokens", 6, "--quiet")
+    assert q.returncode == 0 and "TTFT" not in q.stderr
+    assert q.stdout == p.stdout  # greedy: the same text, streamed to stdout
+
+
+def test_cli_chat_prints_a_ttft_per_turn_and_exits_on_eof(tiny_converted, images):
+    p = run_cli("--model", tiny_converted, "--image", images[0], "--max-tokens", 4, "--chat",
+                "--prompt", PROMPT, stdin="And the colours?\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("[TTFT") == 2
+    assert "Traceback" not in p.stderr
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory, images):
+    d = tmp_path_factory.mktemp("bad")
+    data = images[0].read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    (d / "empty.png").write_bytes(b"")
+    (d / "corrupt.jpg").write_bytes(b"this is not an image" * 10)
+    (d / "notamodel").mkdir()
+    (d / "notamodel" / "readme.txt").write_text("hello")
+    return d
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("missing", "not found"),
+        ("corrupt", "corrupt.jpg"),
+        ("truncated", "truncated"),
+        ("empty", "empty"),
+        ("pixel-cap", "pixel"),
+        ("pixel-cap-env", "pixel"),
+        ("url", "127.0.0.1"),
+        ("too-long", "context"),
+        ("not-a-model", "notamodel"),
+        ("bad-resolution", "resolution"),
+    ],
+)
+def test_cli_bad_input_is_one_line(case, needle, tiny_converted, images, bad_images):
+    model, image, extra, env = tiny_converted, images[0], [], None
+    if case == "missing":
+        image = bad_images / "nope.png"
+    elif case in ("corrupt", "truncated", "empty"):
+        image = next(bad_images.glob(f"{case}.*"))
+    elif case == "pixel-cap":
+        extra = ["--max-pixels", 1000]
+    elif case == "pixel-cap-env":
+        env = {"FASTVLM_MAX_PIXELS": "1000"}
+    elif case == "url":
+        image = f"http://127.0.0.1:{closed_port()}/x.png"
+    elif case == "too-long":
+        extra = ["--prompt", "The quick brown fox jumps over the lazy dog. " * 500]
+    elif case == "not-a-model":
+        model = bad_images / "notamodel"
+    elif case == "bad-resolution":
+        extra = ["--resolution", 300]
+    p = run_cli("--model", model, "--image", image, "--max-tokens", 2, *extra, env=env)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in p.stderr
+    assert p.stdout == ""
+
+
+def test_cli_usage_error_exits_2():
+    p = run_cli("--max-tokens", "many")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The API
+
+
+class CountingTower:
+    """Counts calls of model.vision_tower (its class is swapped for a counting subclass)."""
+
+    def __init__(self, model):
+        self.tower, self.calls = model.vision_tower, 0
+
+    def __enter__(self):
+        counter, base = self, type(self.tower)
+
+        class Counted(base):
+            def __call__(self, x):
+                counter.calls += 1
+                return base.__call__(self, x)
+
+        self.tower.__class__ = Counted
+        return self
+
+    def __exit__(self, *exc):
+        self.tower.__class__ = type(self.tower).__mro__[1]
+
+
+def same(a, b):
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=TOL, rtol=0)
+
+
+def test_api_matches_cli_reference_and_never_prints(tiny_loaded, images, reference, capsys):
+    model, processor = tiny_loaded
+    r = generate(model, processor, PROMPT, images=[str(images[0])], max_tokens=N_TOKENS,
+                 feature_cache=False)
+    assert r.token_ids == reference["tokens"]
+    np.testing.assert_allclose(r.logprobs, reference["logprobs"], atol=TOL, rtol=0)
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+
+
+def test_stream_yields_text_tokens_and_timings(tiny_loaded, images):
+    model, processor = tiny_loaded
+    responses = list(stream_generate(model, processor, PROMPT, images=images[0], max_tokens=5,
+                                     feature_cache=False))
+    assert responses[-1].finish_reason in ("stop", "length")
+    assert all(r.finish_reason is None for r in responses[:-1])
+    assert all(r.timings.ttft_ms > 0 for r in responses)
+    assert all(isinstance(r.logprob, float) and r.logprob <= 0 for r in responses)
+    text = "".join(r.text for r in responses)
+    ids = [r.token for r in responses if r.finish_reason != "stop"]
+    # (The tiny model's vocabulary is larger than its tokenizer's, so compare with mlx-lm's own
+    # detokenizer fed all ids at once, rather than with tokenizer.decode.)
+    whole = processor.tokenizer.detokenizer
+    for t in ids:
+        whole.add_token(t)
+    whole.finalize()
+    assert text == whole.text and len(ids) >= 1
+
+
+def test_chat_follow_up_reuses_the_kv_cache(tiny_loaded, images):
+    model, processor = tiny_loaded
+    with CountingTower(model) as tower:
+        chat = ChatSession(model, processor, [images[0]], max_tokens=6, feature_cache=False)
+        r1 = chat.generate(PROMPT)
+        assert tower.calls == 1
+        r2 = chat.generate("And what colour is it?")
+        assert tower.calls == 1, "the follow-up ran the vision encoder"
+        assert r2.timings.vision_ms == 0 and r2.image_tokens == 0
+        # A fresh single-turn run on the whole conversation up to the second answer.
+        fed2 = len(r2.token_ids) + (r2.finish_reason == "stop")
+        conversation = chat.token_ids[: len(chat.token_ids) - fed2]
+        assert len(conversation) > len(r1.token_ids) + len(chat.prompt_ids)
+        fresh = generate(model, processor, conversation, images=[images[0]], max_tokens=6,
+                         feature_cache=False)
+        assert tower.calls == 2
+    same(r2, fresh)
+    assert r2.prompt_tokens == len(conversation) - len(chat.prompt_ids) - len(r1.token_ids) - (
+        r1.finish_reason == "stop"
+    )
+
+
+def test_feature_cache_one_encode_per_image(tiny_loaded, images):
+    model, processor = tiny_loaded
+    cache = FeatureCache(4)
+    with CountingTower(model) as tower:
+        a1 = generate(model, processor, PROMPT, images=[images[0]], max_tokens=4, feature_cache=cache)
+        assert tower.calls == 1 and not a1.feature_cache_hit
+        # Same content, another input type (a numpy array): a hit, no encode.
+        arr = np.asarray(Image.open(images[0]).convert("RGB"))
+        a2 = generate(model, processor, "Describe the image.", images=[arr], max_tokens=4,
+                      feature_cache=cache)
+        assert tower.calls == 1
+        assert a2.feature_cache_hit and a2.timings.vision_ms == 0
+        fresh = generate(model, processor, "Describe the image.", images=[images[0]], max_tokens=4,
+                         feature_cache=False)
+        same(a2, fresh)
+
+        # The same text with another image is another image's answer, not the cached one.
+        b = generate(model, processor, PROMPT, images=[images[1]], max_tokens=4, feature_cache=cache)
+        assert not b.feature_cache_hit and tower.calls == 3
+        b_fresh = generate(model, processor, PROMPT, images=[images[1]], max_tokens=4,
+                           feature_cache=False)
+        a_fresh = generate(model, processor, PROMPT, images=[images[0]], max_tokens=4,
+                           feature_cache=False)
+    same(b, b_fresh)
+    same(a1, a_fresh)
+    assert not np.allclose(a1.logprobs[:1], b.logprobs[:1], atol=1e-3) or a1.token_ids != b.token_ids
+
+
+def test_feature_cache_is_bounded(tiny_loaded, images):
+    model, processor = tiny_loaded
+    cache = FeatureCache(1)
+    for im in images:
+        generate(model, processor, PROMPT, images=[im], max_tokens=1, feature_cache=cache)
+    assert len(cache) == 1
+    with CountingTower(model) as tower:
+        generate(model, processor, PROMPT, images=[images[0]], max_tokens=1, feature_cache=cache)
+        assert tower.calls == 1  # evicted
+
+
+def test_logprobs_are_raw_under_repetition_penalty(tiny_loaded, images):
+    model, processor = tiny_loaded
+    r = generate(model, processor, PROMPT, images=[images[0]], max_tokens=8, repetition_penalty=3.0,
+                 repetition_context_size=64, feature_cache=False)
+    plain = generate(model, processor, PROMPT, images=[images[0]], max_tokens=8, feature_cache=False)
+    # Recompute the raw log-softmax at each chosen token with one forward pass.
+    ids = processor.encode(format_prompt(PROMPT, 1, DEFAULT_SYSTEM)) + r.token_ids
+    pixels = processor.pixels([images[0]])
+    logits = model(mx.array([ids]), pixels)[0].astype(mx.float32)
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    start = len(ids) - len(r.token_ids) - 1
+    expected = [lp[start + i, t].item() for i, t in enumerate(r.token_ids)]
+    np.testing.assert_allclose(r.logprobs, expected, atol=TOL, rtol=0)
+    assert r.token_ids != plain.token_ids, "the penalty changed nothing; the test would be weak"
+
+
+def test_resolution_override_warns_and_changes_image_tokens(tiny_loaded, images):
+    model, processor = tiny_loaded
+    with pytest.warns(UserWarning, match="resolution 192"):
+        r = generate(model, processor, PROMPT, images=[images[0]], max_tokens=2, resolution=192,
+                     feature_cache=False)
+    assert r.image_tokens == 9 and r.resolution == 192
+    assert r.prompt_tokens == len(processor.encode(format_prompt(PROMPT, 1, DEFAULT_SYSTEM), 192))
+
+
+def test_text_only_and_two_images(tiny_loaded, images):
+    model, processor = tiny_loaded
+    r = generate(model, processor, "Hello world", max_tokens=3)
+    assert r.image_tokens == 0 and r.timings.vision_ms == 0 and len(r.token_ids) <= 3
+    r2 = generate(model, processor, PROMPT, images=list(images), max_tokens=3, feature_cache=False)
+    assert r2.image_tokens == 32
