@@ -22,7 +22,7 @@ import mlx.core as mx
 from .config import ModelConfig, VisionConfig
 from .loader import ModelLoadError, build_model
 from .model import Model
-from .weights import WeightError, detect_layout, sanitize
+from .weights import WeightError, cast_floating, detect_layout, sanitize
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_FILES = (
@@ -238,11 +238,7 @@ def convert(
         config = build_config(src, layout, weights)
         if config.quantization and quantize:
             raise ConvertError(f"{src} is already quantized ({config.quantization['bits']} bits)")
-        target = DTYPES[dtype]
-        weights = {
-            k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
-            for k, v in weights.items()
-        }
+        weights = cast_floating(weights, DTYPES[dtype])
         model = build_model(config, weights)
     except WeightError as e:
         raise ConvertError(str(e)) from None

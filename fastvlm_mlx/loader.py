@@ -18,7 +18,7 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .model import Model
 from .processing import Processor
-from .weights import WeightError, check_weights
+from .weights import WeightError, cast_floating, check_weights
 
 
 class ModelLoadError(ValueError):
@@ -76,10 +76,7 @@ def load_converted(
     config = read_config(path)
     weights = read_weights(path)
     if dtype is not None:
-        weights = {
-            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-            for k, v in weights.items()
-        }
+        weights = cast_floating(weights, dtype)
     try:
         model = build_model(config, weights)
     except WeightError as e:

@@ -200,14 +200,16 @@ def from_torch(state_dict) -> Dict[str, mx.array]:
     return out
 
 
+def cast_floating(weights: Dict[str, mx.array], dtype: mx.Dtype) -> Dict[str, mx.array]:
+    """Floating-point tensors to `dtype`; integer ones (packed quantized weights) untouched."""
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
 def load_into(model: nn.Module, weights: Dict[str, mx.array], dtype=None) -> nn.Module:
     """Check and load sanitized weights; cast floating tensors to `dtype` if given."""
     check_weights(model, weights)
     if dtype is not None:
-        weights = {
-            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-            for k, v in weights.items()
-        }
+        weights = cast_floating(weights, dtype)
     model.load_weights(list(weights.items()), strict=True)
     return model
 
