@@ -198,6 +198,22 @@ def save_converted(dst: Path, model: Model, config: dict, tokenizer_src: Optiona
                 shutil.copy2(tokenizer_src / name, dst / name)
 
 
+def quantize_model(model: Model, config: dict, q_bits: int, q_group_size: int) -> dict:
+    """Quantize the decoder and connector in place with mlx-lm; returns the config with its
+    `quantization` block. The vision tower stays in its dtype: its convs have no quantized
+    kernels, and it is a small share of the weights."""
+    from mlx_lm.utils import quantize_model as mlx_lm_quantize
+
+    _, config = mlx_lm_quantize(
+        model, config, q_group_size, q_bits,
+        quant_predicate=lambda p, m: p.startswith(("language_model.", "multi_modal_projector.")),
+    )
+    config["quantization"] = {
+        k: v for k, v in config["quantization"].items() if k in ("group_size", "bits", "mode")
+    }
+    return config
+
+
 def _refuse_app_bundle(src: Path) -> None:
     if list(src.glob("*.mlpackage")) or list(src.glob("*/*.mlpackage")):
         raise ConvertError(
@@ -245,17 +261,7 @@ def convert(
     del weights
     out_config = config.to_dict()
     if quantize:
-        from mlx_lm.utils import quantize_model
-
-        # The decoder and connector are quantized; the vision tower stays in `dtype` (its convs
-        # have no quantized kernels, and it is a small share of the weights).
-        model, out_config = quantize_model(
-            model, out_config, q_group_size, q_bits,
-            quant_predicate=lambda p, m: p.startswith(("language_model.", "multi_modal_projector.")),
-        )
-        out_config["quantization"] = {
-            k: v for k, v in out_config["quantization"].items() if k in ("group_size", "bits", "mode")
-        }
+        out_config = quantize_model(model, out_config, q_bits, q_group_size)
     mx.eval(model.parameters())
     write_atomically(dst, lambda tmp: save_converted(tmp, model, out_config, src))
     return dst

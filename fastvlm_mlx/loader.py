@@ -81,6 +81,8 @@ def load_converted(
         model = build_model(config, weights)
     except WeightError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    # The checkpoint mirrors timm; for running, the layer scales are folded into the linears.
+    model.vision_tower.fuse()
     if not lazy:
         mx.eval(model.parameters())
     processor = Processor.from_pretrained(path, config)

@@ -8,6 +8,12 @@ onto this module by a transpose of the conv weights (see weights.py). Two delibe
 - the eval-mode BatchNorm of every ConvFFN is folded at import into the depthwise conv before it,
   which therefore carries a bias here.
 The classification/pooling head is not built: FastVLM uses the feature map.
+
+Speed (see BENCHMARKS.md for the measurements behind each choice):
+- depthwise and channel-multiplier-2 convs go through `depthwise_conv2d`: on MLX's CPU backend,
+  grouped `conv2d` is a plain loop, so there it is computed as a sum of shifted, scaled copies;
+  on a GPU it is `conv2d`'s depthwise kernel;
+- `FastViTHD.fuse()` (called at load) folds every layer scale into the linear before it.
 """
 
 import mlx.core as mx
@@ -16,9 +22,97 @@ import mlx.nn as nn
 from .config import VisionConfig
 
 
+# erf(z) ~= z P(z^2) / Q(z^2) on z in [-4, 4] (erf is +-1 to float32 precision outside): the
+# rational approximation Eigen and XLA use for float32 erf, max abs error ~5e-7 against mx.erf.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+@mx.compile
+def _gelu_rational(x: mx.array) -> mx.array:
+    z = mx.clip(x.astype(mx.float32) * 0.7071067811865476, -4.0, 4.0)
+    z2 = z * z
+    p, q = _ERF_P[0], _ERF_Q[0]
+    for c in _ERF_P[1:]:
+        p = p * z2 + c
+    for c in _ERF_Q[1:]:
+        q = q * z2 + c
+    return (0.5 * x * (1.0 + z * p / q)).astype(x.dtype)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU, as timm's nn.GELU.
+
+    MLX's CPU backend evaluates erf one scalar at a time (~25 ns an element here, half the
+    tower's CPU time), so on the CPU the erf is a rational polynomial that compiles into one
+    vectorized kernel, 7x faster; `mx.compile` is per shape because shapeless kernels lose the
+    contiguous fast path. Elsewhere it is mlx's own `nn.gelu`.
+    """
+    if mx.default_device() == mx.cpu:
+        return _gelu_rational(x)
+    return nn.gelu(x)
+
+
+def _shifted_sum_conv(x: mx.array, weight: mx.array, stride: int) -> mx.array:
+    """Depthwise conv as sum_ij shift_ij(x) * w_ij: one strided slice and one multiply-add per tap.
+
+    Written by hand because MLX's CPU backend runs grouped `conv2d` as a scalar loop (~1 GFLOP/s
+    here); these elementwise ops are vectorized and 3x faster end to end (BENCHMARKS.md). The
+    taps are summed in the kernel's row-major order.
+    """
+    C, K = weight.shape[0], weight.shape[1]
+    pad = K // 2
+    B, H, W, _ = x.shape
+    Ho, Wo = (H + 2 * pad - K) // stride + 1, (W + 2 * pad - K) // stride + 1
+    x = mx.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    taps = weight.reshape(C, K * K).T
+    out = None
+    for i in range(K):
+        for j in range(K):
+            shifted = x[:, i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride]
+            term = shifted * taps[i * K + j]
+            out = term if out is None else out + term
+    return out
+
+
+def depthwise_conv2d(x: mx.array, weight: mx.array, stride: int = 1) -> mx.array:
+    """Grouped conv with one input channel per group: weight (C_in * m, K, K, 1), 'same' padding.
+
+    A channel multiplier m > 1 (FastViTHD's downsamples and final conv have m = 2) is a depthwise
+    conv over the input with each channel repeated m times: output channel o reads input o // m,
+    exactly as a grouped conv does, but it takes the depthwise path.
+    """
+    multiplier = weight.shape[0] // x.shape[-1]
+    if multiplier > 1:
+        x = mx.repeat(x, multiplier, axis=-1)
+    if mx.default_device() == mx.cpu:
+        return _shifted_sum_conv(x, weight, stride)
+    K = weight.shape[1]
+    return mx.conv2d(x, weight, stride=stride, padding=K // 2, groups=x.shape[-1])
+
+
+class DepthwiseConv2d(nn.Module):
+    """`nn.Conv2d(groups=in_chs)` with the same parameters (weight (out, K, K, 1), bias)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1):
+        super().__init__()
+        scale = (1 / kernel_size**2) ** 0.5
+        self.weight = mx.random.uniform(-scale, scale, (out_chs, kernel_size, kernel_size, 1))
+        self.bias = mx.zeros((out_chs,))
+        self.stride = stride
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return depthwise_conv2d(x, self.weight, self.stride) + self.bias
+
+
 def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1):
     if kernel_size == 1 and stride == 1 and groups == 1:
         return nn.Linear(in_chs, out_chs)
+    if groups == in_chs and out_chs % in_chs == 0:
+        return DepthwiseConv2d(in_chs, out_chs, kernel_size, stride)
     return nn.Conv2d(
         in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups
     )
@@ -55,7 +149,7 @@ class MobileOneBlock(nn.Module):
         x = self.reparam_conv(x)
         if "se" in self:
             x = self.se(x)
-        return nn.gelu(x)
+        return gelu(x)
 
 
 class PatchEmbed(nn.Module):
@@ -83,9 +177,7 @@ class DepthwiseConv(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int):
         super().__init__()
-        self.reparam_conv = nn.Conv2d(
-            dim, dim, kernel_size, padding=kernel_size // 2, groups=dim
-        )
+        self.reparam_conv = DepthwiseConv2d(dim, dim, kernel_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.reparam_conv(x)
@@ -96,7 +188,7 @@ class ConvNorm(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv = DepthwiseConv2d(dim, dim, kernel_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(x)
@@ -112,7 +204,7 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu(self.fc1(self.conv(x))))
+        return self.fc2(gelu(self.fc1(self.conv(x))))
 
 
 class LayerScale2d(nn.Module):
@@ -124,6 +216,20 @@ class LayerScale2d(nn.Module):
         return x * self.gamma
 
 
+def _fold_layer_scale(block: nn.Module, scale_name: str, linear: nn.Linear) -> None:
+    """gamma * (W x + b) == (gamma W) x + gamma b: one elementwise op less per residual branch."""
+    if scale_name not in block:
+        return
+    gamma = block[scale_name].gamma
+    linear.weight = linear.weight * gamma[:, None]
+    linear.bias = linear.bias * gamma
+    block.pop(scale_name)
+
+
+def _scaled(block: nn.Module, scale_name: str, x: mx.array) -> mx.array:
+    return block[scale_name](x) if scale_name in block else x
+
+
 class RepMixerBlock(nn.Module):
     def __init__(self, dim: int, cfg: VisionConfig):
         super().__init__()
@@ -133,7 +239,10 @@ class RepMixerBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.token_mixer(x)
-        return x + self.layer_scale(self.mlp(x))
+        return x + _scaled(self, "layer_scale", self.mlp(x))
+
+    def fuse(self) -> None:
+        _fold_layer_scale(self, "layer_scale", self.mlp.fc2)
 
 
 class Attention(nn.Module):
@@ -168,8 +277,12 @@ class AttentionBlock(nn.Module):
         self.layer_scale_2 = LayerScale2d(dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.layer_scale_1(self.token_mixer(self.norm(x)))
-        return x + self.layer_scale_2(self.mlp(x))
+        x = x + _scaled(self, "layer_scale_1", self.token_mixer(self.norm(x)))
+        return x + _scaled(self, "layer_scale_2", self.mlp(x))
+
+    def fuse(self) -> None:
+        _fold_layer_scale(self, "layer_scale_1", self.token_mixer.proj)
+        _fold_layer_scale(self, "layer_scale_2", self.mlp.fc2)
 
 
 class FastVitStage(nn.Module):
@@ -213,6 +326,17 @@ class FastViTHD(nn.Module):
             config.widths[-1], n, 3, groups=config.widths[-1], use_se=True,
             rd_chs=int(n * config.se_ratio),
         )
+
+    def fuse(self) -> "FastViTHD":
+        """Fold the layer scales into the linears before them (done once, at load).
+
+        The parameters then no longer hold `layer_scale*` tensors; the output is the same up to
+        float rounding (one product per weight, done in the weights' dtype).
+        """
+        for stage in self.stages:
+            for blk in stage.blocks:
+                blk.fuse()
+        return self
 
     def check_input(self, shape) -> None:
         stride = self.config.stride

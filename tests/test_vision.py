@@ -99,3 +99,41 @@ def test_every_vision_tensor_moves_the_output():
         if err <= 100 * TOL:
             weak[name] = err
     assert not weak, f"tensors whose scrambling barely moves the output: {weak}"
+
+
+@pytest.mark.parametrize("multiplier,kernel,stride,size", [(1, 7, 1, 20), (1, 3, 2, 17), (2, 7, 2, 16), (2, 3, 1, 9)])
+def test_depthwise_conv_equals_grouped_conv2d(multiplier, kernel, stride, size):
+    """The shifted-sum depthwise path (CPU) is the grouped conv it replaces, channel multiplier too."""
+    from fastvlm_mlx.vision import depthwise_conv2d
+
+    rng = np.random.default_rng(kernel * 10 + stride)
+    C = 6
+    x = mx.array(rng.standard_normal((2, size, size, C)).astype(np.float32))
+    w = mx.array(rng.standard_normal((C * multiplier, kernel, kernel, 1)).astype(np.float32))
+    expected = mx.conv2d(x, w, stride=stride, padding=kernel // 2, groups=C)
+    ours = depthwise_conv2d(x, w, stride)
+    assert ours.shape == expected.shape
+    assert np.allclose(np.array(ours), np.array(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_matches_erf_gelu():
+    from mlx import nn
+
+    from fastvlm_mlx.vision import gelu
+
+    x = mx.linspace(-12, 12, 100_001).reshape(1, 1, -1, 1)
+    diff = mx.abs(gelu(x) - nn.gelu(x)).max().item()
+    assert diff < 3e-6
+    half = gelu(x.astype(mx.float16))
+    assert half.dtype == mx.float16
+    assert mx.abs(half.astype(mx.float32) - nn.gelu(x)).max().item() < 1.3e-2  # fp16 ulp at 12
+
+
+def test_fuse_folds_layer_scales_without_changing_the_output(tiny_pair):
+    timm_model, tower = tiny_pair
+    fused = mlx_tower(timm_model, ref.TINY_LAYERS).fuse()
+    names = [k for k, _ in tree_flatten(fused.parameters())]
+    assert not any("layer_scale" in k for k in names)
+    assert any("layer_scale" in k for k, _ in tree_flatten(tower.parameters()))
+    x = mx.array(ref.pixels(1, 256, seed=5).transpose(0, 2, 3, 1))
+    assert ref.rel_err(np.array(fused(x)), np.array(tower(x))) < 1e-6
