@@ -168,11 +168,16 @@ def user_text(processor, n_text_tokens: int, resolution: int) -> str:
     have = count(base)
     if n_text_tokens < have:
         raise BenchmarkError(f"--prompt-tokens must be at least {have} (the template and a question)")
-    text = base + " in detail" * ((n_text_tokens - have) // 2)
-    while count(text) < n_text_tokens:
-        text += " detail"
-    if count(text) != n_text_tokens:
-        raise BenchmarkError(f"cannot build a prompt of exactly {n_text_tokens} text tokens")
+    # Grow the question word by word; BPE merges make a word's token count depend on context.
+    text, n = base, have
+    while n < n_text_tokens:
+        for word in (" in detail", " detail", " the", " a", ".", "!"):
+            m = count(text + word)
+            if n < m <= n_text_tokens:
+                text, n = text + word, m
+                break
+        else:
+            raise BenchmarkError(f"cannot build a prompt of exactly {n_text_tokens} text tokens")
     return text
 
 
@@ -252,6 +257,7 @@ class MlxVlm:
         mx.eval(model.parameters())
         self.model, self.dtype = model, dtype
         self.image_token = model.config.image_token_index  # -200: one marker, expanded in the splice
+        self.our_image_token = config.image_token_id
         self.device = str(mx.default_device())
 
     def run(self, image, ids: List[int], image_slots: int, resolution: int, tokens: int,
@@ -263,7 +269,7 @@ class MlxVlm:
         lap = _Lap(lambda: None)
         out = {}
         # Their prompt holds one -200 marker where our prompt holds the image slots.
-        first = ids.index(IMAGE_ID)
+        first = ids.index(self.our_image_token)
         marked = ids[:first] + [self.image_token] + ids[first + image_slots:]
         pixels = mx.array(preprocess_image(image, resolution))[None].astype(self.dtype)
         input_ids = mx.array([marked])
@@ -321,7 +327,8 @@ class Torch:
             raise BenchmarkError(f"--compare torch needs torch, timm and transformers ({e})") from None
         self.torch = torch
         on_gpu = mx.default_device() == mx.gpu and torch.cuda.is_available()
-        self.device = torch.device("cuda" if on_gpu else "cpu")
+        self.torch_device = torch.device("cuda" if on_gpu else "cpu")
+        self.device = f"torch {self.torch_device} ({torch.cuda.get_device_name() if on_gpu else platform.processor() or 'cpu'})"
         self.dtype = getattr(torch, dtype_name)
         text = {k: v for k, v in config.text_config.items() if k != "model_type"}
         vc = dict(
@@ -329,14 +336,15 @@ class Torch:
             do_pooling=False,
             model_args={"inference_mode": True, "layers": list(config.vision_config.depths)},
         )
+        self.image_token = config.image_token_id
         cfg = FastVlmConfig(vision_config=vc, text_config=Qwen2Config(**text),
-                            image_token_index=IMAGE_ID)
+                            image_token_index=max(self.image_token, 0))
         torch.manual_seed(0)
         model = FastVlmForConditionalGeneration(cfg).eval()
-        self.model = model.to(device=self.device, dtype=self.dtype)
+        self.model = model.to(device=self.torch_device, dtype=self.dtype)
 
     def _sync(self):
-        if self.device.type == "cuda":
+        if self.torch_device.type == "cuda":
             self.torch.cuda.synchronize()
 
     def run(self, image, ids: List[int], resolution: int, tokens: int,
@@ -346,22 +354,26 @@ class Torch:
 
         m = self.model
         lm = m.model.language_model
-        if self.device.type == "cuda":
+        on_gpu = self.torch_device.type == "cuda"
+        if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         out = {}
         with torch.inference_mode():
             lap = _Lap(self._sync)
             pixels = torch.from_numpy(preprocess_image(image, resolution)).permute(2, 0, 1)[None]
-            pixels = pixels.to(self.device, self.dtype)
-            input_ids = torch.tensor([ids], device=self.device)
+            pixels = pixels.to(self.torch_device, self.dtype)
+            input_ids = torch.tensor([ids], device=self.torch_device)
+            slots = input_ids == self.image_token
+            input_ids = input_ids.masked_fill(slots, 0)  # the slot id may be outside the vocabulary
             out["preprocess_ms"] = lap()
             features = m.model.vision_tower(pixels).last_hidden_state
             out["vision_ms"] = lap()
             features = m.model.multi_modal_projector(features.flatten(2).permute(0, 2, 1))
             out["connector_ms"] = lap()
             embeddings = lm.get_input_embeddings()(input_ids)
-            slots = (input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeddings)
-            embeddings = embeddings.masked_scatter(slots, features.to(embeddings.dtype))
+            embeddings = embeddings.masked_scatter(
+                slots.unsqueeze(-1).expand_as(embeddings), features.to(embeddings.dtype)
+            )
             out["preprocess_ms"] += lap()
             cache = DynamicCache(config=lm.config)
             lm(inputs_embeds=embeddings[:, :-1], past_key_values=cache, use_cache=True)
@@ -384,7 +396,7 @@ class Torch:
             out["decode_tps"] = (tokens - 1) / max(time.perf_counter() - t0, 1e-9) if tokens > 1 else 0.0
         out["ttft_ms"] = sum(out[k] for k in PARTS)
         out["peak_memory_gb"] = (
-            torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else float("nan")
+            torch.cuda.max_memory_allocated() / 1e9 if on_gpu else float("nan")
         )
         return out
 
@@ -435,6 +447,7 @@ class Result:
             "runtime": self.runtime, "device": self.device, "resolution": self.resolution,
             "image_tokens": self.image_tokens, "prompt_tokens": self.prompt_tokens,
             "runs": len(self.samples.get("ttft_ms", [])), "metrics": self.summary(),
+            "samples": {k: [None if v != v else v for v in vs] for k, vs in self.samples.items()},
         }
 
 
