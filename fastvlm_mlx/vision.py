@@ -22,6 +22,11 @@ import mlx.nn as nn
 from .config import VisionConfig
 
 
+def _on_cpu() -> bool:
+    """Whether MLX runs on its CPU backend, where two ops below take a vectorized detour."""
+    return mx.default_device() == mx.cpu
+
+
 # erf(z) ~= z P(z^2) / Q(z^2) on z in [-4, 4] (erf is +-1 to float32 precision outside): the
 # rational approximation Eigen and XLA use for float32 erf, max abs error ~5e-7 against mx.erf.
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
@@ -51,7 +56,7 @@ def gelu(x: mx.array) -> mx.array:
     vectorized kernel, 7x faster; `mx.compile` is per shape because shapeless kernels lose the
     contiguous fast path. Elsewhere it is mlx's own `nn.gelu`.
     """
-    if mx.default_device() == mx.cpu:
+    if _on_cpu():
         return _gelu_rational(x)
     return nn.gelu(x)
 
@@ -88,7 +93,7 @@ def depthwise_conv2d(x: mx.array, weight: mx.array, stride: int = 1) -> mx.array
     multiplier = weight.shape[0] // x.shape[-1]
     if multiplier > 1:
         x = mx.repeat(x, multiplier, axis=-1)
-    if mx.default_device() == mx.cpu:
+    if _on_cpu():
         return _shifted_sum_conv(x, weight, stride)
     K = weight.shape[1]
     return mx.conv2d(x, weight, stride=stride, padding=K // 2, groups=x.shape[-1])

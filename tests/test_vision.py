@@ -137,3 +137,14 @@ def test_fuse_folds_layer_scales_without_changing_the_output(tiny_pair):
     assert any("layer_scale" in k for k, _ in tree_flatten(tower.parameters()))
     x = mx.array(ref.pixels(1, 256, seed=5).transpose(0, 2, 3, 1))
     assert ref.rel_err(np.array(fused(x)), np.array(tower(x))) < 1e-6
+
+
+def test_gpu_formulation_matches_timm(tiny_pair, monkeypatch):
+    """The ops the tower uses off the CPU (grouped mx.conv2d, repeat for the channel multiplier,
+    mlx's erf GELU) run here too, so the Metal/CUDA path is checked against timm as well."""
+    import fastvlm_mlx.vision as V
+
+    monkeypatch.setattr(V, "_on_cpu", lambda: False)
+    timm_model, tower = tiny_pair
+    ours, expected = run_both(timm_model, tower, ref.pixels(1, 256, seed=6))
+    assert ref.rel_err(ours, expected) <= TOL
