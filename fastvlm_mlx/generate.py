@@ -340,6 +340,32 @@ class ChatSession:
         """The conversation so far, as fed to the decoder, image slots as image_token_id."""
         return self.prompt_ids + self.history[len(self.prompt_ids) :]
 
+    def can_rewind(self, n: int) -> bool:
+        """Whether `rewind(n)` is possible: the image slots stay within the first n tokens and
+        the KV cache can be trimmed (a rotating cache that has wrapped cannot)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        ids = self.token_ids
+        slots = [i for i, t in enumerate(ids) if t == self.processor.image_token_id]
+        image_end = slots[-1] + 1 if slots else 0
+        return (
+            self.turns > 0 and max(image_end, 1) <= n <= len(self.history)
+            and can_trim_prompt_cache(self.prompt_cache)
+        )
+
+    def rewind(self, n: int) -> None:
+        """Keep only the first n tokens of the conversation (KV cache included), so that another
+        continuation can follow as a list of token ids: `session.stream(ids)`. The server uses
+        this to reuse the longest common prefix of a stateless request's conversation."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        if not self.can_rewind(n):
+            raise ValueError(f"cannot rewind this conversation of {len(self.history)} tokens to {n}")
+        trim_prompt_cache(self.prompt_cache, len(self.history) - n)
+        del self.history[n:]
+        del self.prompt_ids[n:]
+        self._last_finish = None
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _check_length(self, n: int) -> None:
@@ -366,8 +392,15 @@ class ChatSession:
         return self.processor.encode(text, self.resolution)
 
     def _follow_up_ids(self, prompt: Prompt) -> List[int]:
+        if isinstance(prompt, mx.array):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            # Token ids to append as they are (the server's continuation after `rewind`).
+            if self.processor.image_token_id in prompt:
+                raise InputError("follow-up turns cannot add images")
+            return [int(t) for t in prompt]
         if not isinstance(prompt, str):
-            raise InputError("a follow-up turn takes the user's text")
+            raise InputError("a follow-up turn takes the user's text or token ids")
         if IMAGE_MARKER in prompt:
             raise InputError("follow-up turns cannot add images")
         # Close the assistant turn the way the template does, then open the next one.

@@ -25,7 +25,7 @@ IMAGE_MARKER = "<image>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_PROMPT = "Describe the image."
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 
 class InputError(ValueError):
@@ -127,9 +127,14 @@ def to_pil(
     timeout: Optional[float] = None,
     max_bytes: Optional[int] = None,
 ) -> Image.Image:
-    """A path, http(s) URL, PIL image or HWC numpy array (uint8 RGB, or float in [0, 1]) -> RGB
-    PIL image, EXIF orientation applied. Images over `max_pixels` are refused before decoding."""
+    """A path, http(s) URL, encoded image bytes, PIL image or HWC numpy array (uint8 RGB, or
+    float in [0, 1]) -> RGB PIL image, EXIF orientation applied. Images over `max_pixels` are
+    refused before decoding."""
     cap = pixel_cap(max_pixels)
+    if isinstance(image, (bytes, bytearray, memoryview)):  # e.g. a base64 data URL, decoded
+        if not len(image):
+            raise InputError("cannot read image data: it is empty (0 bytes)")
+        image = _open(io.BytesIO(image), "data", cap)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 2:

@@ -1,0 +1,557 @@
+"""server: the real uvicorn server on a loopback port with the tiny random-weight model, driven by
+the official `openai` client and raw httpx: greedy answers equal `generate`, streaming, stop
+sequences, logprobs, concurrency, KV/feature reuse across turns, every bad request, disconnects,
+the bounded queue, and the CLI."""
+
+import base64
+import concurrent.futures
+import functools
+import http.server
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from fastvlm_mlx.generate import generate
+from fastvlm_mlx.server import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+PROMPT = "What is in this picture?"
+N = 10  # tokens per answer in most tests
+
+
+def png(seed, size=(300, 200)):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def user(text, *urls):
+    return {"role": "user", "content": [{"type": "text", "text": text}]
+            + [{"type": "image_url", "image_url": {"url": u}} for u in urls]}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("server_images")
+    out = {}
+    for name, seed, size in [("a", 1, (300, 200)), ("b", 2, (180, 240)), ("c", 3, (256, 256))]:
+        (d / f"{name}.png").write_bytes(png(seed, size))
+        out[name] = d / f"{name}.png"
+    big = Image.new("RGB", (1000, 1000), (10, 200, 30))  # 1M pixels, a few KB as PNG
+    big.save(d / "big.png")
+    out["big"] = d / "big.png"
+    return out
+
+
+class LiveServer:
+    """uvicorn running create_app(...) in a thread, on a port the OS picked."""
+
+    def __init__(self, app):
+        self.app, self.engine, self.settings = app, app.state.engine, app.state.settings
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, **kw):
+        kw = {"api_key": KEY, "max_retries": 0, "timeout": 60, **kw}
+        return openai.OpenAI(base_url=self.url + "/v1", **kw)
+
+    def post(self, body=None, key=KEY, **kw):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers.update(kw.pop("headers", {}))
+        if body is not None:
+            kw["json"] = body
+        return httpx.post(self.url + "/v1/chat/completions", headers=headers, timeout=60, **kw)
+
+    def idle(self, within=5.0) -> bool:
+        deadline = time.time() + within
+        while time.time() < deadline:
+            if self.engine.running is None and not self.engine.queued:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_loaded):
+    model, processor = tiny_loaded
+    app = create_app(model, processor, model_id="tiny", api_key=KEY, max_pixels=200_000,
+                     max_body_bytes=2**20, max_images=4, queue_timeout=30, prompt_cache_size=4)
+    server = LiveServer(app)
+    yield server
+    server.close()
+    assert not server.engine._thread.is_alive(), "the model worker outlived the server"
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_loaded, images):
+    """generate()'s greedy answers, computed before the server gets any work."""
+    model, processor = tiny_loaded
+
+    @functools.lru_cache(None)
+    def run(prompt, image=None, max_tokens=N):
+        ims = [images[image]] if image else []
+        return generate(model, processor, prompt, images=ims, max_tokens=max_tokens,
+                        feature_cache=False)
+
+    return run
+
+
+class CountingTower:
+    """Counts vision-encoder calls (in any thread) by swapping the tower's class."""
+
+    def __init__(self, model):
+        self.tower, self.calls = model.vision_tower, 0
+
+    def __enter__(self):
+        counter, base = self, type(self.tower)
+
+        class Counted(base):
+            def __call__(self, x):
+                counter.calls += 1
+                return base.__call__(self, x)
+
+        self.tower.__class__ = Counted
+        return self
+
+    def __exit__(self, *exc):
+        self.tower.__class__ = type(self.tower).__mro__[1]
+
+
+def check_timings(t: dict):
+    for key in ("load_ms", "preprocess_ms", "vision_ms", "connector_ms", "prefill_ms",
+                "first_token_ms", "ttft_ms", "decode_tps", "peak_memory_gb", "feature_cache_hit",
+                "queue_ms"):
+        assert key in t, key
+    parts = t["preprocess_ms"] + t["vision_ms"] + t["connector_ms"] + t["prefill_ms"] + t["first_token_ms"]
+    assert abs(t["ttft_ms"] - parts) < 0.01 and t["ttft_ms"] > 0 and t["queue_ms"] >= 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Answers
+
+
+def test_plain_and_streamed_completions_equal_generate(live, images, expected):
+    want = expected(PROMPT, "a")
+    assert len(want.token_ids) >= 3, "the reference answer is too short to compare"
+    client = live.client()
+    msgs = [user(PROMPT, data_url(images["a"].read_bytes()))]
+
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=N)
+    assert r.object == "chat.completion" and r.model == "tiny"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == want.prompt_tokens
+    assert r.usage.completion_tokens == len(want.token_ids)
+    assert r.usage.total_tokens == want.prompt_tokens + len(want.token_ids)
+    assert r.usage.image_tokens == 16  # (256 / 64) ** 2
+    check_timings(r.timings)
+
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=N, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == want.finish_reason
+    assert finals[0].usage.completion_tokens == len(want.token_ids)  # always on the last chunk
+    check_timings(finals[0].timings)
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == want.prompt_tokens
+
+    # The wire format: SSE `data:` lines of JSON, ending with [DONE].
+    with httpx.stream("POST", live.url + "/v1/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"messages": msgs, "max_tokens": 3, "stream": True}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][6:])
+    assert last["choices"][0]["finish_reason"] and "usage" in last and "timings" in last
+
+
+def test_logprobs_seed_and_text_only(live, expected):
+    want = expected("Hello there", None)
+    r = live.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=N,
+        logprobs=True, top_logprobs=3,
+    )
+    assert r.choices[0].message.content == want.text
+    assert r.usage.image_tokens == 0 and r.timings["vision_ms"] == 0
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(want.token_ids)
+    np.testing.assert_allclose([c.logprob for c in content], want.logprobs, atol=1e-4, rtol=0)
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+
+    # Sampling with a seed is reproducible.
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=N,
+              temperature=1.5, top_p=0.95, seed=7)
+    a, b = (live.client().chat.completions.create(**kw) for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_stop_sequences_cut_the_text(live, images, expected):
+    text = expected(PROMPT, "a").text
+    # A stop string first found at position i > 0.
+    i = next(i for i in range(1, len(text) - 1) if text.find(text[i : i + 2]) == i)
+    stop = text[i : i + 2]
+    msgs = [user(PROMPT, data_url(images["a"].read_bytes()))]
+    client = live.client()
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=N,
+                                       stop=["never in this text \u2603", stop])
+    assert r.choices[0].message.content == text[:i]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=N,
+                                                 stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:i]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_text_holds_back_what_may_begin_a_stop_sequence():
+    from fastvlm_mlx.server import StopText
+
+    st = StopText(["o w", "xyz"])
+    assert st.add("He") == ("He", False)
+    assert st.add("llo") == ("ll", False)  # "o" may begin "o w"
+    assert st.add(" ") == ("", False)  # "o " too
+    assert st.add("wor") == ("", True)  # cut before the stop sequence
+    assert st.text == "Hell"
+    st = StopText(["xyz"])
+    assert st.add("ax") == ("a", False) and st.add("b") == ("xb", False) and st.flush() == ""
+    assert StopText([]).add("anything") == ("anything", False)
+
+
+# ------------------------------------------------------------------------------------------------
+# One model, many clients
+
+
+def test_parallel_clients_all_get_their_own_answers(live, images, expected):
+    jobs = [("a", PROMPT), ("b", PROMPT), ("a", "Describe the colours."), (None, "Say something."),
+            ("c", PROMPT), ("b", "Describe the colours.")]
+    wants = [expected(p, im) for im, p in jobs]
+    served = live.engine.stats["served"]
+    barrier = threading.Barrier(len(jobs))
+
+    def ask(i):
+        im, prompt = jobs[i]
+        msgs = [user(prompt, data_url(images[im].read_bytes())) if im else user(prompt)]
+        client = live.client()
+        barrier.wait(10)
+        if i % 2:
+            chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=N,
+                                                         stream=True))
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=N)
+        return r.choices[0].message.content
+
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, range(len(jobs)), timeout=60))
+    assert time.time() - t0 < 60
+    for (im, prompt), got, want in zip(jobs, answers, wants):
+        assert got == want.text, (im, prompt)
+    # Same text, different images: different answers (the caches keep images apart).
+    assert wants[0].token_ids != wants[1].token_ids
+    assert live.engine.stats["served"] == served + len(jobs)
+    assert live.idle()
+
+
+def test_follow_up_turns_reuse_the_image_and_the_kv_prefix(live, images, tiny_loaded):
+    model, processor = tiny_loaded
+    url = data_url(png(11, (320, 240)))  # an image no other test has sent
+    image = Image.open(io.BytesIO(base64.b64decode(url.split(",")[1])))
+    client = live.client()
+    first = [user("What is this?", url)]
+    with CountingTower(model) as tower:
+        r1 = client.chat.completions.create(model="tiny", messages=first, max_tokens=N)
+        assert tower.calls == 1
+        assert r1.timings["vision_ms"] > 0 and not r1.timings["feature_cache_hit"]
+        second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                          {"role": "user", "content": "And what colour is it?"}]
+        r2 = client.chat.completions.create(model="tiny", messages=second, max_tokens=N)
+        assert tower.calls == 1, "the follow-up re-encoded the image"
+        # Another branch of the same conversation: only the system and image prefix is shared.
+        branch = [user("Is it a photo?", url)]
+        r3 = client.chat.completions.create(model="tiny", messages=branch, max_tokens=N)
+        assert tower.calls == 1
+    assert r2.timings["vision_ms"] == 0 and r2.timings["feature_cache_hit"]
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+    assert 16 < r3.usage.prompt_tokens_details.cached_tokens < r1.usage.prompt_tokens
+    # ... and the answers are those of fresh runs on the whole conversation.
+    for r, msgs in [(r2, second), (r3, branch)]:
+        prompt = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                   else m["content"][0]["text"]} for m in msgs]
+        fresh = generate(model, processor, prompt, images=[image], max_tokens=N, feature_cache=False)
+        assert r.choices[0].message.content == fresh.text
+        assert r.usage.prompt_tokens == fresh.prompt_tokens
+
+
+def test_images_by_http_url_and_allowed_local_path(live, images, expected):
+    want = expected(PROMPT, "a").text
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images["a"].parent))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    client = live.client()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/a.png"
+        r = client.chat.completions.create(model="tiny", messages=[user(PROMPT, url)], max_tokens=N)
+        assert r.choices[0].message.content == want
+    finally:
+        httpd.shutdown()
+    live.settings.allow_local_files = True
+    try:
+        for ref in (str(images["a"]), images["a"].as_uri()):
+            r = client.chat.completions.create(model="tiny", messages=[user(PROMPT, ref)], max_tokens=N)
+            assert r.choices[0].message.content == want
+    finally:
+        live.settings.allow_local_files = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad requests: OpenAI-style errors, and the server keeps serving
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def tiny_png():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+BAD = {
+    # case: (request kwargs for LiveServer.post, status, code, words in the message)
+    "malformed-json": (dict(content=b'{"messages": [', headers={"Content-Type": "application/json"}),
+                       400, None, "JSON"),
+    "not-an-object": (dict(body=["hello"]), 400, None, "object"),
+    "no-messages": (dict(body={"model": "tiny"}), 400, None, "messages"),
+    "wrong-type": (dict(body={"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}),
+                   400, None, "max_tokens"),
+    "bad-part": (dict(body={"messages": [{"role": "user", "content": [{"type": "video"}]}]}),
+                 400, None, "messages[0].content[0]"),
+    "bad-role": (dict(body={"messages": [{"role": "robot", "content": "hi"}]}), 400, None, "role"),
+    "n": (dict(body={"messages": [{"role": "user", "content": "hi"}], "n": 2}), 400, None, "n must be 1"),
+    "marker-without-image": (dict(body={"messages": [user("<image>\nWhat is this?")]}), 400, None,
+                             "<image>"),
+    "image-in-assistant": (dict(body={"messages": [
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+        400, None, "user messages"),
+    "undecodable-image": (dict(body={"messages": [user("hi", data_url(b"not an image" * 20))]}), 400,
+                          "invalid_image", "not a supported image"),
+    "empty-image": (dict(body={"messages": [user("hi", "data:image/png;base64,")]}), 400,
+                    "invalid_image", "empty"),
+    "bad-base64": (dict(body={"messages": [user("hi", "data:image/png;base64,@@@@")]}), 400,
+                   "invalid_image", "base64"),
+    "unreachable-url": (dict(body={"messages": [user("hi", f"http://127.0.0.1:{closed_port()}/x.png")]}),
+                        400, "invalid_image", "cannot fetch"),
+    "pixel-cap": ("big", 400, "invalid_image", "pixel"),
+    "too-many-images": (dict(body={"messages": [user("hi", *[data_url(tiny_png())] * 5)]}), 400, None,
+                        "at most 4"),
+    "body-cap": (dict(body={"messages": [user("x" * (3 * 2**19))]}), 413, "request_too_large", "limit"),
+    "context": (dict(body={"messages": [user("The quick brown fox jumps over the lazy dog. " * 1000)]}),
+                400, "context_length_exceeded", "context"),
+    "logit-bias-id": (dict(body={"messages": [user("hi")], "logit_bias": {"99999": 5}}), 400, None,
+                      "vocabulary"),
+    "no-key": (dict(body={"messages": [user("hi")]}, key=None), 401, "invalid_api_key", "API key"),
+    "wrong-key": (dict(body={"messages": [user("hi")]}, key="nope"), 401, "invalid_api_key", "API key"),
+    "local-path": ("local", 400, "local_files_not_allowed", "--allow-local-files"),
+    "text-plain": (dict(content=b'{"messages": []}', headers={"Content-Type": "text/plain"}), 415, None,
+                   "application/json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(case, live, images):
+    kwargs, status, code, words = BAD[case]
+    if kwargs == "big":
+        kwargs = dict(body={"messages": [user("hi", data_url(images["big"].read_bytes()))]})
+    elif kwargs == "local":
+        kwargs = dict(body={"messages": [user("hi", str(images["a"]))]})
+    r = live.post(**kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["code"] == code
+    assert words in err["message"], err["message"]
+    # The server still answers a good request.
+    ok = live.client().chat.completions.create(model="tiny", messages=[user("hi")], max_tokens=2)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_errors_through_the_openai_client_and_other_routes(live):
+    with pytest.raises(openai.AuthenticationError):
+        live.client(api_key="wrong").chat.completions.create(model="tiny", messages=[user("hi")])
+    with pytest.raises(openai.BadRequestError) as e:
+        live.client().chat.completions.create(model="tiny", messages=[user("<image> hi")])
+    assert e.value.body["type"] == "invalid_request_error"
+    models = live.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert httpx.get(live.url + "/v1/models").status_code == 401
+    health = httpx.get(live.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny"
+    r = httpx.get(live.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "error" in r.json()
+
+
+# ------------------------------------------------------------------------------------------------
+# A busy model: bounded waits, and clients that leave
+
+
+def long_request(processor, **extra):
+    """A request that would run to the end of the context: EOS is banned."""
+    bias = {str(t): -100 for t in processor.eos_token_ids}
+    return {"messages": [user("Tell me a very long story.")], "max_tokens": 100_000,
+            "logit_bias": bias, **extra}
+
+
+def test_busy_model_gives_503_and_a_disconnect_frees_it(live, tiny_loaded):
+    _, processor = tiny_loaded
+    stats = dict(live.engine.stats)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", live.url + "/v1/chat/completions", headers=headers,
+                         json=long_request(processor, stream=True)) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            got = [next(lines) for _ in range(6)]  # the model is generating
+            assert all(line.startswith("data: ") or not line for line in got)
+
+            # A request that cannot get the model within queue_timeout: 503, promptly.
+            live.settings.queue_timeout = 0.3
+            try:
+                t0 = time.time()
+                r = live.post({"messages": [user("hi")], "max_tokens": 2})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
+                assert "Retry-After" in r.headers and time.time() - t0 < 10
+            finally:
+                live.settings.queue_timeout = 30
+            # A full queue refuses at once.
+            live.settings.max_queue = 0
+            try:
+                r = live.post({"messages": [user("hi")], "max_tokens": 2})
+                assert r.status_code == 503
+            finally:
+                live.settings.max_queue = 32
+            assert live.engine.running is not None, "the long stream stopped by itself"
+        # The stream is closed mid-generation: the model is freed at once, not after ~4000 tokens.
+    assert live.idle(within=3), "the model kept generating for a client that left"
+    t0 = time.time()
+    r = live.client().chat.completions.create(model="tiny", messages=[user("hi")], max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length") and time.time() - t0 < 10
+    assert r.timings["queue_ms"] < 1000
+
+    # A non-streamed request whose client gives up (times out) is cancelled too.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(live.url + "/v1/chat/completions", headers=headers, json=long_request(processor),
+                   timeout=httpx.Timeout(60, read=1.0))
+    assert live.idle(within=3)
+    after = live.engine.stats
+    assert after["cancelled"] == stats["cancelled"] + 2
+    assert after["timed_out"] == stats["timed_out"] + 1
+    assert after["failed"] == stats["failed"]
+    ok = live.client().chat.completions.create(model="tiny", messages=[user("hi")], max_tokens=2)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_says_where_it_listens_serves_and_stops(tiny_converted):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fastvlm_mlx.server", "--model", str(tiny_converted), "--port", "0",
+         "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = p.stdout.readline()
+        assert "http://127.0.0.1:" in line, line + p.stderr.read() if p.poll() is not None else line
+        base = line.split("http://")[1].split()[0].rstrip("/")
+        assert base.endswith("/v1")
+        assert httpx.get(f"http://{base[:-3]}/health", timeout=30).json()["status"] == "ok"
+        r = openai.OpenAI(base_url=f"http://{base}", api_key="unused", max_retries=0).chat.completions.create(
+            model="x", messages=[user("hi")], max_tokens=2)
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    assert p.returncode == 0, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--port", "70000"], 2, "port"),
+    (["--max-body-bytes", "-5"], 2, "positive"),
+    (["--model", "/nonexistent/model/dir", "--port", "0"], 1, "nonexistent"),
+    (["--resolution", "300", "--port", "0"], 1, "resolution"),
+    ("taken", 1, "cannot listen"),
+])
+def test_cli_bad_input_is_one_line(args, code, needle):
+    taken = None
+    if args == "taken":
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = ["--port", str(taken.getsockname()[1])]
+    try:
+        p = subprocess.run([sys.executable, "-m", "fastvlm_mlx.server", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        if taken:
+            taken.close()
+    assert p.returncode == code
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
+    assert p.stdout == ""
