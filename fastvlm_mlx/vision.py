@@ -13,7 +13,8 @@ Speed (see BENCHMARKS.md for the measurements behind each choice):
 - depthwise and channel-multiplier-2 convs go through `depthwise_conv2d`: on MLX's CPU backend,
   grouped `conv2d` is a plain loop, so there it is computed as a sum of shifted, scaled copies;
   on a GPU it is `conv2d`'s depthwise kernel;
-- `FastViTHD.fuse()` (called at load) folds every layer scale into the linear before it.
+- `FastViTHD.fuse()` (called at load) folds every layer scale into the linear before it and
+  every ConvFFN conv bias into the linear after it: two elementwise kernels less per block.
 """
 
 import mlx.core as mx
@@ -110,7 +111,8 @@ class DepthwiseConv2d(nn.Module):
         self.stride = stride
 
     def __call__(self, x: mx.array) -> mx.array:
-        return depthwise_conv2d(x, self.weight, self.stride) + self.bias
+        y = depthwise_conv2d(x, self.weight, self.stride)
+        return y + self.bias if "bias" in self else y
 
 
 def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1):
@@ -211,6 +213,13 @@ class ConvMlp(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(gelu(self.fc1(self.conv(x))))
 
+    def fuse(self) -> None:
+        """fc1(conv(x) + b) == fc1'(conv(x)) with fc1' bias += W1 b: one elementwise op less."""
+        conv = self.conv.conv
+        if "bias" in conv:
+            self.fc1.bias = self.fc1.bias + self.fc1.weight @ conv.bias
+            conv.pop("bias")
+
 
 class LayerScale2d(nn.Module):
     def __init__(self, dim: int):
@@ -248,6 +257,7 @@ class RepMixerBlock(nn.Module):
 
     def fuse(self) -> None:
         _fold_layer_scale(self, "layer_scale", self.mlp.fc2)
+        self.mlp.fuse()
 
 
 class Attention(nn.Module):
@@ -288,6 +298,7 @@ class AttentionBlock(nn.Module):
     def fuse(self) -> None:
         _fold_layer_scale(self, "layer_scale_1", self.token_mixer.proj)
         _fold_layer_scale(self, "layer_scale_2", self.mlp.fc2)
+        self.mlp.fuse()
 
 
 class FastVitStage(nn.Module):
@@ -333,10 +344,11 @@ class FastViTHD(nn.Module):
         )
 
     def fuse(self) -> "FastViTHD":
-        """Fold the layer scales into the linears before them (done once, at load).
+        """The inference form, made once at load: every layer scale folded into the linear
+        before it, and every ConvFFN's depthwise-conv bias into the fc1 after it.
 
-        The parameters then no longer hold `layer_scale*` tensors; the output is the same up to
-        float rounding (one product per weight, done in the weights' dtype).
+        The parameters then no longer hold those tensors; the output is the same up to float
+        rounding (done in the weights' dtype).
         """
         for stage in self.stages:
             for blk in stage.blocks:

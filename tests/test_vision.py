@@ -133,10 +133,10 @@ def test_fuse_folds_layer_scales_without_changing_the_output(tiny_pair):
     timm_model, tower = tiny_pair
     fused = mlx_tower(timm_model, ref.TINY_LAYERS).fuse()
     names = [k for k, _ in tree_flatten(fused.parameters())]
-    assert not any("layer_scale" in k for k in names)
+    assert not any("layer_scale" in k or k.endswith("mlp.conv.conv.bias") for k in names)
     assert any("layer_scale" in k for k, _ in tree_flatten(tower.parameters()))
     x = mx.array(ref.pixels(1, 256, seed=5).transpose(0, 2, 3, 1))
-    assert ref.rel_err(np.array(fused(x)), np.array(tower(x))) < 1e-6
+    assert ref.rel_err(np.array(fused(x)), np.array(tower(x))) < 1e-5  # float32 rounding only
 
 
 def test_gpu_formulation_matches_timm(tiny_pair, monkeypatch):
