@@ -18,12 +18,13 @@ first sampled token being available, model load and image file/URL decoding excl
 of five parts, each closed by an `mx.eval`, so the lazy graph cannot move work from one part into
 another: preprocess (template, tokens, pixels, splice), vision encoder, connector, prefill (every
 prompt position but the last, into the KV cache), first token (the last position, sampled and
-evaluated). Decoding is mlx-lm's own `generate_step`, fed our spliced embeddings and a placeholder
-token array of the same length.
+evaluated). The first token is mlx-lm's own sampling step run here, so that it does not wait for
+the second; decoding from it on is mlx-lm's `generate_step`.
 """
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import sys
@@ -484,7 +485,6 @@ class ChatSession:
             self.prompt_cache = make_prompt_cache(model.language_model, max_kv_size=opts.max_kv_size)
             self.prompt_ids = list(ids)
         cache = self.prompt_cache
-        history = mx.array(self.history + placeholder[:-1], dtype=mx.uint32)
 
         # -- prefill: all positions but the last, in steps, into the KV cache --------------------
         n_prefill = len(ids) - 1
@@ -501,9 +501,18 @@ class ChatSession:
             done += step
         timings.prefill_ms = clock.lap()
 
-        # -- first token and decoding: mlx-lm's generate_step on the last position ---------------
+        # -- first token: the last prompt position, sampled and evaluated here -------------------
+        # mlx-lm's generate_step queues the second step before it hands out the first token
+        # (pipelining that pays while decoding), so the first token would wait for the second
+        # step's graph to be built, and on MLX's CPU backend for much of its compute (163 vs
+        # 276 ms for the 0.5B decoder, BENCHMARKS.md). This step is generate_step's own `_step`:
+        # the model on the last position, the logits processors, KV quantization, log-softmax
+        # and the sampler, on mlx-lm's generation stream.
+        from mlx_lm.generate import generation_stream
+
         raw = collections.deque()
         processors = opts.make_processors()
+        full_history = mx.array(self.history + placeholder, dtype=mx.uint32)
         if processors:
             # generate_step's processors see only the tokens it was given; prepend the history.
             # The first processor records the raw log-probabilities (before any processor).
@@ -512,23 +521,46 @@ class ChatSession:
                 return logits
 
             def with_history(p):
-                return lambda tokens, logits: p(mx.concatenate([history, tokens]), logits)
+                return lambda tokens, logits: p(mx.concatenate([full_history, tokens]), logits)
 
             processors = [record] + [with_history(p) for p in processors]
+        sampler = opts.make_sampler()
+        with mx.stream(generation_stream):
+            logits = model.language_model(
+                mx.array([placeholder[-1:]]), cache=cache, input_embeddings=embeddings[None, -1:]
+            )[:, -1, :]
+            for p in processors:
+                logits = p(mx.array([], dtype=mx.uint32), logits)
+            maybe_quantize_kv_cache(cache, opts.quantized_kv_start, opts.kv_group_size, opts.kv_bits)
+            first_logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            first_token = sampler(first_logprobs)
+        mx.eval(first_token, first_logprobs)
+        first_token = int(first_token.item())
+        timings.first_token_ms = clock.lap()
+        timings.finish_ttft()
 
-        steps = generate_step(
-            mx.array(placeholder[-1:], dtype=mx.uint32),
-            model.language_model,
-            max_tokens=opts.max_tokens,
-            sampler=opts.make_sampler(),
-            logits_processors=processors or None,
-            prompt_cache=cache,
-            prefill_step_size=opts.prefill_step_size,
-            kv_bits=opts.kv_bits,
-            kv_group_size=opts.kv_group_size,
-            quantized_kv_start=opts.quantized_kv_start,
-            input_embeddings=embeddings[-1:],
-        )
+        # -- decoding: mlx-lm's generate_step, fed the first token as its one-token prompt --------
+        decoding = {"started": False}
+
+        def rest():
+            if opts.max_tokens < 2:
+                return
+            decoding["started"] = True  # generate_step feeds the first token into the cache
+            yield from generate_step(
+                mx.array([first_token], dtype=mx.uint32),
+                model.language_model,
+                max_tokens=opts.max_tokens - 1,
+                sampler=sampler,
+                logits_processors=processors or None,
+                prompt_cache=cache,
+                prefill_step_size=opts.prefill_step_size,
+                kv_bits=opts.kv_bits,
+                kv_group_size=opts.kv_group_size,
+                quantized_kv_start=opts.quantized_kv_start,
+            )
+
+        steps = rest()
+        tokens = itertools.chain([(first_token, first_logprobs[0])], steps)
         detokenizer = processor.tokenizer.detokenizer
         prompt_tokens = len(ids)
         fed = list(placeholder)
@@ -536,12 +568,10 @@ class ChatSession:
         t_first = None
         finish = None
         try:
-            for token, logprobs in steps:
+            for token, logprobs in tokens:
                 token = int(token)
                 lp_vector = raw.popleft()[0] if processors else logprobs
                 if n == 0:
-                    timings.first_token_ms = clock.lap()
-                    timings.finish_ttft()
                     t_first = time.perf_counter()
                 n += 1
                 fed.append(token)
@@ -569,7 +599,11 @@ class ChatSession:
                     break
         finally:
             steps.close()
-            # generate_step feeds every token it yields into the cache before yielding it.
+            # generate_step feeds every token it yields into the cache before yielding it; the
+            # first token is fed here when decoding stopped before generate_step began.
+            if n and not decoding["started"]:
+                model.language_model(mx.array([[first_token]]), cache=cache)
+                mx.eval([c.state for c in cache])
             self.history.extend(fed)
             self.turns += 1
             self._last_finish = finish

@@ -245,11 +245,15 @@ def test_stream_yields_text_tokens_and_timings(tiny_loaded, images):
     assert text == whole.text and len(ids) >= 1
 
 
-def test_chat_follow_up_reuses_the_kv_cache(tiny_loaded, images):
+@pytest.mark.parametrize("first_turn_tokens", [6, 1])
+def test_chat_follow_up_reuses_the_kv_cache(tiny_loaded, images, first_turn_tokens):
+    """With one token in the first turn, that token never reaches mlx-lm's generate_step (the
+    first token is sampled before it), so it must still be fed into the KV cache."""
     model, processor = tiny_loaded
     with CountingTower(model) as tower:
         chat = ChatSession(model, processor, [images[0]], max_tokens=6, feature_cache=False)
-        r1 = chat.generate(PROMPT)
+        r1 = chat.generate(PROMPT, max_tokens=first_turn_tokens)
+        assert len(r1.token_ids) + (r1.finish_reason == "stop") == first_turn_tokens
         assert tower.calls == 1
         r2 = chat.generate("And what colour is it?")
         assert tower.calls == 1, "the follow-up ran the vision encoder"
@@ -320,6 +324,42 @@ def test_logprobs_are_raw_under_repetition_penalty(tiny_loaded, images):
     expected = [lp[start + i, t].item() for i, t in enumerate(r.token_ids)]
     np.testing.assert_allclose(r.logprobs, expected, atol=TOL, rtol=0)
     assert r.token_ids != plain.token_ids, "the penalty changed nothing; the test would be weak"
+
+
+def test_tokens_equal_mlx_lm_generate_step_on_the_whole_prompt(tiny_loaded, images):
+    """Our first token is sampled outside generate_step and decoding continues inside it; the
+    tokens and processors' view of the history must equal one generate_step over the prompt."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, processor = tiny_loaded
+    kwargs = dict(repetition_penalty=3.0, repetition_context_size=64)
+    seen = {"ours": [], "mlx-lm": []}
+
+    def spy(name):
+        def processor_(tokens, logits):
+            seen[name].append(tokens.tolist())
+            return logits
+        return processor_
+
+    ours = generate(model, processor, PROMPT, images=[images[0]], max_tokens=8,
+                    feature_cache=False, logits_processors=[spy("ours")], **kwargs)
+    ids = processor.encode(format_prompt(PROMPT, 1, DEFAULT_SYSTEM))
+    features = model.project(model.encode_images(processor.pixels([images[0]])))
+    embeddings = model.embed(mx.array([ids]), features)[0]
+    placeholder = mx.array(ids, dtype=mx.uint32)  # the image slots' id is in this vocabulary
+    expected = []
+    for token, _ in generate_step(placeholder, model.language_model, max_tokens=8,
+                                  input_embeddings=embeddings,
+                                  logits_processors=make_logits_processors(**kwargs)
+                                  + [spy("mlx-lm")]):
+        if token in processor.eos_token_ids:
+            break
+        expected.append(int(token))
+    assert ours.token_ids == expected
+    # Every step's processors saw the same history: the whole prompt, then the answer so far.
+    n = len(seen["ours"])
+    assert n >= len(expected) and seen["ours"] == seen["mlx-lm"][:n]
 
 
 def test_resolution_override_warns_and_changes_image_tokens(tiny_loaded, images):
