@@ -78,6 +78,12 @@ def test_compare_mlx_vlm(tiny_loaded):
     results = B.sweep(B.Ours(model, processor), [peer], [128], 28, 2, runs=1, warmup=0, quiet=True)
     assert [r.runtime for r in results] == [B.OURS, "mlx-vlm"]
     assert all(r.median("vision_ms") > 0 and r.median("prefill_ms") > 0 for r in results)
+    # Each runtime's peak is its own: the peer's weights, resident in the same process, are not
+    # counted in ours.
+    del peer
+    (alone,) = B.sweep(B.Ours(model, processor), [], [128], 28, 2, runs=1, warmup=0, quiet=True)
+    assert results[0].median("peak_memory_gb") == pytest.approx(alone.median("peak_memory_gb"), rel=0.05)
+    assert results[0].median("peak_memory_gb") >= B.weight_bytes(model) / 1e9
 
 
 def test_real_shapes_with_random_weights():
