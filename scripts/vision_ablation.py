@@ -1,7 +1,7 @@
 """Time the FastViTHD tower (random weights, real shapes) with each speed choice of vision.py
 switched off in turn, to show what each one is worth on this machine (BENCHMARKS.md).
 
-    python scripts/vision_ablation.py --resolutions 256,512 --runs 5 [--dtype float32]
+    python scripts/vision_ablation.py --resolutions 256,512 --runs 5 [--dtype float32] [--unfused] [--compiled]
 """
 
 import argparse
@@ -47,6 +47,7 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--unfused", action="store_true", help="also time without FastViTHD.fuse()")
+    p.add_argument("--compiled", action="store_true", help="also time mx.compile(tower)")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     tower = V.FastViTHD(VisionConfig())
@@ -72,6 +73,9 @@ def main():
                 for k, v in saved.items():
                     setattr(V, k, v)
             print(f"{size:5d}px  {name:28s} {med:9.1f} [{lo:.1f}-{hi:.1f}]", flush=True)
+        if args.compiled:
+            med, lo, hi = time_tower(mx.compile(tower), size, dtype, args.runs)
+            print(f"{size:5d}px  {'all on, under mx.compile':28s} {med:9.1f} [{lo:.1f}-{hi:.1f}]")
         if unfused is not None:
             med, lo, hi = time_tower(unfused, size, dtype, args.runs)
             print(f"{size:5d}px  {'all on, layer scales unfused':28s} {med:9.1f} [{lo:.1f}-{hi:.1f}]")
