@@ -226,3 +226,25 @@ def apple_config(size: int, text: dict) -> dict:
         # Apple's configs say tied even where lm_head.weight exists: the tensors must decide.
         **{**text, "tie_word_embeddings": True},
     }
+
+
+class CountingTower:
+    """Counts calls of model.vision_tower, in any thread (its class is swapped for a counting
+    subclass while the context is open)."""
+
+    def __init__(self, model):
+        self.tower, self.calls = model.vision_tower, 0
+
+    def __enter__(self):
+        counter, base = self, type(self.tower)
+
+        class Counted(base):
+            def __call__(self, x):
+                counter.calls += 1
+                return base.__call__(self, x)
+
+        self.tower.__class__ = Counted
+        return self
+
+    def __exit__(self, *exc):
+        self.tower.__class__ = type(self.tower).__mro__[1]

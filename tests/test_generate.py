@@ -16,6 +16,7 @@ from PIL import Image
 
 from fastvlm_mlx.generate import ChatSession, FeatureCache, generate, stream_generate
 from fastvlm_mlx.processing import DEFAULT_SYSTEM, format_prompt, preprocess_image
+from reference import CountingTower
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "What is in this picture?"
@@ -188,27 +189,6 @@ def test_cli_usage_error_exits_2():
 
 # ------------------------------------------------------------------------------------------------
 # The API
-
-
-class CountingTower:
-    """Counts calls of model.vision_tower (its class is swapped for a counting subclass)."""
-
-    def __init__(self, model):
-        self.tower, self.calls = model.vision_tower, 0
-
-    def __enter__(self):
-        counter, base = self, type(self.tower)
-
-        class Counted(base):
-            def __call__(self, x):
-                counter.calls += 1
-                return base.__call__(self, x)
-
-        self.tower.__class__ = Counted
-        return self
-
-    def __exit__(self, *exc):
-        self.tower.__class__ = type(self.tower).__mro__[1]
 
 
 def same(a, b):

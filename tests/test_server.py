@@ -27,6 +27,7 @@ from PIL import Image
 
 from fastvlm_mlx.generate import generate
 from fastvlm_mlx.server import create_app
+from reference import CountingTower
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -128,27 +129,6 @@ def expected(tiny_loaded, images):
                         feature_cache=False)
 
     return run
-
-
-class CountingTower:
-    """Counts vision-encoder calls (in any thread) by swapping the tower's class."""
-
-    def __init__(self, model):
-        self.tower, self.calls = model.vision_tower, 0
-
-    def __enter__(self):
-        counter, base = self, type(self.tower)
-
-        class Counted(base):
-            def __call__(self, x):
-                counter.calls += 1
-                return base.__call__(self, x)
-
-        self.tower.__class__ = Counted
-        return self
-
-    def __exit__(self, *exc):
-        self.tower.__class__ = type(self.tower).__mro__[1]
 
 
 def check_timings(t: dict):
