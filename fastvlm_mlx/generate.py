@@ -296,7 +296,12 @@ class ChatSession:
     ):
         self.model, self.processor = model, processor
         self.system = system
-        self.options = GenerationOptions.from_kwargs(options)
+        # The model's sampling defaults (generation_config.json) hold where the caller is silent.
+        given = {k: v for k, v in options.items() if v is not None or k == "seed"}
+        defaults = dict(getattr(processor, "generation_defaults", None) or {})
+        if "temp" in given or "sampler" in given:
+            defaults.pop("temperature", None)
+        self.options = GenerationOptions.from_kwargs({**defaults, **given})
         self.resolution = check_resolution(
             int(resolution) if resolution is not None else processor.image_size, processor.stride
         )
@@ -449,6 +454,7 @@ class ChatSession:
         from mlx_lm.models.cache import make_prompt_cache
 
         opts = self.options
+        overrides = {k: v for k, v in overrides.items() if v is not None}  # None: not given
         if overrides:
             opts = GenerationOptions.from_kwargs({**asdict(self.options), **overrides})
         model, processor = self.model, self.processor
@@ -680,11 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help=f'the question (default "{DEFAULT_PROMPT}")')
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system message")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.0,
-                   help="sampling temperature; 0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None,
+                   help="sampling temperature; 0 is greedy (default: the model's "
+                   "generation_config.json, else 0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--seed", type=int, default=None)

@@ -10,6 +10,7 @@ gives with its real `<image>` token.
 
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,22 @@ def format_prompt(
     return text
 
 
+def generation_defaults(path: Path) -> dict:
+    """Sampling defaults from the checkpoint's generation_config.json, as transformers reads
+    them: without `do_sample: true` decoding is greedy, whatever temperature the file holds."""
+    try:
+        cfg = json.loads((Path(path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict) or cfg.get("do_sample") is not True:
+        return {}
+    out = {"temperature": float(cfg.get("temperature", 1.0))}
+    for key, cast in (("top_p", float), ("top_k", int), ("min_p", float)):
+        if cfg.get(key) is not None:
+            out[key] = cast(cfg[key])
+    return out
+
+
 @dataclass
 class Processor:
     """Tokenizer (mlx-lm's TokenizerWrapper) + image preprocessing + the prompt template."""
@@ -236,6 +253,8 @@ class Processor:
     image_token_id: int
     stride: int = 64
     eos_token_ids: List[int] = field(default_factory=list)
+    # Sampling defaults of the model (generation_config.json); a caller's options override them.
+    generation_defaults: dict = field(default_factory=dict)
 
     @classmethod
     def from_pretrained(cls, path: Path, config: ModelConfig) -> "Processor":
@@ -261,6 +280,7 @@ class Processor:
             image_token_id=config.image_token_id,
             stride=config.vision_config.stride,
             eos_token_ids=list(config.eos_token_id),
+            generation_defaults=generation_defaults(path),
         )
 
     def tokens_per_image(self, size: Optional[int] = None) -> int:

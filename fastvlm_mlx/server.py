@@ -66,8 +66,9 @@ class ServerSettings:
     api_key: Optional[str] = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     allow_local_files: bool = False  # image_url may be a local path or file:// URL
     max_tokens: int = 512  # when the request gives none (mlx-lm's server default)
-    temperature: float = 0.0  # greedy unless the request says otherwise
-    top_p: float = 1.0
+    # When the request gives none; None: the model's generation_config.json, else greedy.
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
     system: Optional[str] = DEFAULT_SYSTEM  # used when the request has no system message
     resolution: Optional[int] = None  # default: the model's trained size
     max_pixels: Optional[int] = None  # decoded pixels per image (default FASTVLM_MAX_PIXELS, 100M)
@@ -959,7 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", "-m", type=_positive(int), default=d.max_tokens,
                    help=f"when the request gives none (default {d.max_tokens})")
     p.add_argument("--temp", "--temperature", dest="temp", type=float, default=d.temperature,
-                   help="when the request gives none; 0 is greedy (default)")
+                   help="when the request gives none; 0 is greedy (default: the model's "
+                   "generation_config.json, else 0)")
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--system", default=d.system, help="system message when the request has none")
     p.add_argument("--resolution", type=int, default=None,
@@ -1064,9 +1066,9 @@ def run_server(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.temp < 0:
+    if args.temp is not None and args.temp < 0:
         parser.error(f"--temp must be >= 0, got {args.temp}")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.prompt_cache_size < 0:
         parser.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")

@@ -357,3 +357,26 @@ def test_text_only_and_two_images(tiny_loaded, images):
     assert r.image_tokens == 0 and r.timings.vision_ms == 0 and len(r.token_ids) <= 3
     r2 = generate(model, processor, PROMPT, images=list(images), max_tokens=3, feature_cache=False)
     assert r2.image_tokens == 32
+
+
+def test_sampling_defaults_come_from_generation_config(tiny_loaded, tmp_path):
+    """Greedy unless generation_config.json says do_sample; the caller's options always win."""
+    import dataclasses
+
+    from fastvlm_mlx.processing import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 100.0, "top_k": 50}))
+    assert generation_defaults(tmp_path) == {"temperature": 100.0, "top_k": 50}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7}))
+    assert generation_defaults(tmp_path) == {}  # transformers' default do_sample is False
+
+    model, processor = tiny_loaded
+    sampling = dataclasses.replace(processor, generation_defaults={"temperature": 100.0, "top_k": 50})
+    assert ChatSession(model, sampling).options.temperature == 100.0
+    assert ChatSession(model, sampling, temp=0.0).options.temperature == 0.0
+    assert ChatSession(model, sampling, temperature=None).options.temperature == 100.0
+    greedy = generate(model, processor, "Hello world", max_tokens=6)
+    assert generate(model, sampling, "Hello world", max_tokens=6, temperature=0).token_ids == greedy.token_ids
+    sampled = {tuple(generate(model, sampling, "Hello world", max_tokens=6, seed=s).token_ids) for s in range(3)}
+    assert len(sampled) > 1, "the model's sampling defaults were ignored"
