@@ -248,3 +248,14 @@ class CountingTower:
 
     def __exit__(self, *exc):
         self.tower.__class__ = type(self.tower).__mro__[1]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -3,7 +3,6 @@ transformers reference; the chat KV reuse, the feature cache, and bad input."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from PIL import Image
 
 from fastvlm_mlx.generate import ChatSession, FeatureCache, generate, stream_generate
 from fastvlm_mlx.processing import DEFAULT_SYSTEM, format_prompt, preprocess_image
-from reference import CountingTower
+from reference import CountingTower, closed_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "What is in this picture?"
@@ -118,14 +117,6 @@ def test_cli_chat_prints_a_ttft_per_turn_and_exits_on_eof(tiny_converted, images
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("[TTFT") == 2
     assert "Traceback" not in p.stderr
-
-
-def closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")

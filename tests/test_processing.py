@@ -2,7 +2,6 @@
 
 import http.server
 import io
-import socket
 import threading
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fastvlm_mlx.processing import InputError, image_digest, preprocess_image, to_pil
+from reference import closed_port
 
 
 def png_bytes(w=60, h=40, seed=0, mode="RGB"):
@@ -68,12 +68,8 @@ def test_url_size_cap_404_timeout_and_refused(server, monkeypatch):
         to_pil(base + "/missing")
     with pytest.raises(InputError, match="cannot fetch"):
         to_pil(base + "/slow", timeout=0.5)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
     with pytest.raises(InputError, match="cannot fetch"):
-        to_pil(f"http://127.0.0.1:{port}/x.png")
+        to_pil(f"http://127.0.0.1:{closed_port()}/x.png")
 
 
 def test_bad_files(tmp_path):

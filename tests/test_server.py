@@ -27,7 +27,7 @@ from PIL import Image
 
 from fastvlm_mlx.generate import generate
 from fastvlm_mlx.server import create_app
-from reference import CountingTower
+from reference import CountingTower, closed_port
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -327,14 +327,6 @@ def test_images_by_http_url_and_allowed_local_path(live, images, expected):
 
 # ------------------------------------------------------------------------------------------------
 # Bad requests: OpenAI-style errors, and the server keeps serving
-
-
-def closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def tiny_png():
