@@ -444,16 +444,17 @@ def run_reference(ref: Reference, image, prompt: str, n_tokens: int, eos: set) -
     import torch
 
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        pixels = reference_pixels(image, ref.size, ref.preprocessor)
-        n_slots = (ref.size // 64) ** 2
-        ids = ref.prompt_ids(reference_prompt(prompt), n_slots)
-        vision = ref.vision(torch.from_numpy(pixels))
-        connector = ref.connector(vision)
-        out = ref.lm(inputs_embeds=ref.embed(ids, connector), use_cache=True)
-        logits = out.logits[0, -1].float()
-        token = int(logits.argmax())
-        ttft_ms = (time.perf_counter() - t0) * 1e3
+        for _ in range(2):  # the first pass warms up; TTFT is the second's, as ours is
+            t0 = time.perf_counter()
+            pixels = reference_pixels(image, ref.size, ref.preprocessor)
+            n_slots = (ref.size // 64) ** 2
+            ids = ref.prompt_ids(reference_prompt(prompt), n_slots)
+            vision = ref.vision(torch.from_numpy(pixels))
+            connector = ref.connector(vision)
+            out = ref.lm(inputs_embeds=ref.embed(ids, connector), use_cache=True)
+            logits = out.logits[0, -1].float()
+            token = int(logits.argmax())
+            ttft_ms = (time.perf_counter() - t0) * 1e3
         tokens, steps = [token], [logits.numpy()]
         past = out.past_key_values
         while len(tokens) < n_tokens and token not in eos:
@@ -551,13 +552,17 @@ def measure(model, processor, image, prompt: str, r: ReferenceRun, n_tokens: int
     out["e2e_top1_ok"] = out["e2e_top1"] or topk_check(e2e, r.logits, 1, tie)[1]
     out["e2e_top5"], out["e2e_top5_ok"] = topk_check(e2e, r.logits, 5, tie)
 
-    # Greedy tokens and TTFT through the user's path. The forward passes above ran the same
-    # shapes, so kernels are compiled and TTFT is not a cold start; the feature cache is off so
-    # that the vision tower is in it.
+    # Greedy tokens through the user's path, with the feature cache off so that the vision tower
+    # is in it; that run warms up the path (kernels compiled per shape, first-call set-up), and
+    # TTFT is taken from a second, one-token run.
     result = fastvlm_mlx.generate(
         model, processor, prompt, images=[image], max_tokens=n_tokens, temperature=0.0,
         feature_cache=False,
     )
+    ttft_ms = fastvlm_mlx.generate(
+        model, processor, prompt, images=[image], max_tokens=1, temperature=0.0,
+        feature_cache=False,
+    ).timings.ttft_ms
     eos = stop_ids(processor)
     tokens = list(result.token_ids)
     agree = 0
@@ -580,7 +585,7 @@ def measure(model, processor, image, prompt: str, r: ReferenceRun, n_tokens: int
         margin = float(step[r.tokens[agree]] - ours_logit)
         out["greedy_margin"] = margin
         out["greedy_ok"] = margin <= tie_margin(step, thresholds["end_to_end"])
-    out["ttft_ms"] = result.timings.ttft_ms
+    out["ttft_ms"] = ttft_ms
     out["tokens"] = tokens
     out["judged"] = judge_precision
     return out
