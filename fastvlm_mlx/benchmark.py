@@ -709,6 +709,8 @@ def run(args) -> int:
     for out in (args.json, args.plot):
         if out and not Path(out).resolve().parent.is_dir():
             raise BenchmarkError(f"cannot write {out}: its directory does not exist")
+        if out and not os.access(Path(out).resolve().parent, os.W_OK):
+            raise BenchmarkError(f"cannot write {out}: its directory is not writable")
     on_cpu = mx.default_device() == mx.cpu
     dtype_name = args.dtype or ("float32" if on_cpu else "float16")
     dtype = DTYPES[dtype_name]
@@ -752,6 +754,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(args)
     except (BenchmarkError, ModelLoadError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the JSON or the plot cannot be written
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
