@@ -609,15 +609,15 @@ def plot(results: List[Result], path: Path, title: str) -> None:
     left.legend(fontsize=8)
     for name in dict.fromkeys(r.runtime for r in results):
         rs = [r for r in results if r.runtime == name]
-        right.plot([r.image_tokens for r in rs], [r.median("ttft_ms") for r in rs], "o-", label=name)
-        if name == OURS:
-            right.plot([r.image_tokens for r in rs], [r.median("vision_ms") for r in rs], "o--",
-                       label=f"{name} vision")
+        tokens = [r.image_tokens for r in rs]
+        (line,) = right.plot(tokens, [r.median("ttft_ms") for r in rs], "o-", label=f"{name} TTFT")
+        right.plot(tokens, [r.median("vision_ms") for r in rs], "o--", color=line.get_color(),
+                   label=f"{name} vision")
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     right.set_xlabel("image tokens")
-    right.set_ylabel("TTFT ms (median)")
-    right.set_title("TTFT against image tokens")
+    right.set_ylabel("ms (median)")
+    right.set_title("TTFT (solid) and vision encoder (dashed) against image tokens")
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
