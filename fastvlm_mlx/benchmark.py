@@ -38,7 +38,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import ModelConfig, VisionConfig
+from .config import ModelConfig
+from .loader import DTYPES, runtime_dtype
 from .processing import DEFAULT_SYSTEM, format_prompt, preprocess_image
 
 # The released decoders (fastvlm-reference.md). Tokens ids are Qwen2's.
@@ -54,7 +55,6 @@ ARCHS = {
                tie_word_embeddings=False),
 }
 ENDOFTEXT, IM_START, IM_END, IMAGE_ID = 151643, 151644, 151645, 151646
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 PEERS = ("torch", "mlx-vlm")
 OURS = "fastvlm-mlx"
 # The parts of TTFT, in order, then the rest; all are Timings fields (generate.py).
@@ -711,9 +711,8 @@ def run(args) -> int:
             raise BenchmarkError(f"cannot write {out}: its directory does not exist")
         if out and not os.access(Path(out).resolve().parent, os.W_OK):
             raise BenchmarkError(f"cannot write {out}: its directory is not writable")
-    on_cpu = mx.default_device() == mx.cpu
-    dtype_name = args.dtype or ("float32" if on_cpu else "float16")
-    dtype = DTYPES[dtype_name]
+    dtype = runtime_dtype(args.dtype) or mx.float16
+    dtype_name = str(dtype).split(".")[-1]
 
     if args.model:
         model, processor = load_model(args.model, dtype, args.q_bits, args.q_group_size)

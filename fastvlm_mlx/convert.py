@@ -20,11 +20,10 @@ from typing import Dict, Optional
 import mlx.core as mx
 
 from .config import ModelConfig, VisionConfig
-from .loader import ModelLoadError, build_model
+from .loader import DTYPES, ModelLoadError, build_model
 from .model import Model
 from .weights import WeightError, cast_floating, detect_layout, sanitize
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",

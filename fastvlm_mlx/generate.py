@@ -705,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images with more pixels (default 100M, or FASTVLM_MAX_PIXELS)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="cast the weights after loading")
+                   help="cast the weights after loading (default: as converted, or float32 when "
+                   "MLX runs on the CPU)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat about the image(s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     p.add_argument("--quiet", "-q", action="store_true", help="no stats block")
@@ -802,8 +803,9 @@ def run_cli(args) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import fastvlm_mlx
 
-    dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, processor = fastvlm_mlx.load(args.model, dtype=dtype) if dtype else fastvlm_mlx.load(args.model)
+    from .loader import runtime_dtype
+
+    model, processor = fastvlm_mlx.load(args.model, dtype=runtime_dtype(args.dtype))
 
     options = dict(
         max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,

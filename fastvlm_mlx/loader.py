@@ -66,6 +66,17 @@ def build_model(config: ModelConfig, weights: dict) -> Model:
     return model
 
 
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def runtime_dtype(name: Optional[str] = None) -> Optional[mx.Dtype]:
+    """The dtype the CLIs run in: NAME if given; else float32 when MLX runs on the CPU, whose
+    half-precision matmul is 10-20x slower (BENCHMARKS.md); else None (as converted)."""
+    if name:
+        return DTYPES[name]
+    return mx.float32 if mx.default_device() == mx.cpu else None
+
+
 def load_converted(
     path: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False
 ) -> Tuple[Model, Processor]:

@@ -967,7 +967,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None,
                    help="image resolution (a multiple of 64); default: the model's trained size")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="cast the weights after loading")
+                   help="cast the weights after loading (default: as converted, or float32 when "
+                   "MLX runs on the CPU)")
     p.add_argument("--max-pixels", type=_positive(int), default=None,
                    help="refuse images with more pixels (default 100M, or FASTVLM_MAX_PIXELS)")
     p.add_argument("--max-url-bytes", type=_positive(int), default=None,
@@ -1029,12 +1030,11 @@ def run_server(args) -> int:
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
 
-    import mlx.core as mx
-
     import fastvlm_mlx
 
-    dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, processor = fastvlm_mlx.load(args.model, dtype=dtype)
+    from .loader import runtime_dtype
+
+    model, processor = fastvlm_mlx.load(args.model, dtype=runtime_dtype(args.dtype))
     settings = ServerSettings(
         model_id=args.served_model_name or args.model, api_key=args.api_key or None,
         allow_local_files=args.allow_local_files, max_tokens=args.max_tokens,

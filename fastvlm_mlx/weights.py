@@ -11,7 +11,7 @@ misshaped tensor. Nothing here reads files: the loader and the converter hand in
 """
 
 import re
-from typing import Callable, Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn

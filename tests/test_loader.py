@@ -1,7 +1,5 @@
 """fastvlm_mlx.load on a converted directory: the loaded model computes what transformers does."""
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -60,3 +58,12 @@ def test_missing_weights_are_named(tiny_converted, tmp_path):
     mx.save_safetensors(str(d / "model.safetensors"), w)
     with pytest.raises(ModelLoadError, match=r"missing tensor 'language_model\.model\.norm\.weight'"):
         fastvlm_mlx.load(d)
+
+
+def test_runtime_dtype_is_float32_on_the_cpu():
+    """The CLIs' default: MLX's CPU half-precision matmul is slow, so float32 there."""
+    from fastvlm_mlx.loader import runtime_dtype
+
+    assert runtime_dtype("bfloat16") == mx.bfloat16
+    expected = mx.float32 if mx.default_device() == mx.cpu else None
+    assert runtime_dtype(None) == expected
