@@ -546,26 +546,19 @@ class ChatSession:
         timings.finish_ttft()
 
         # -- decoding: mlx-lm's generate_step, fed the first token as its one-token prompt --------
-        decoding = {"started": False}
-
-        def rest():
-            if opts.max_tokens < 2:
-                return
-            decoding["started"] = True  # generate_step feeds the first token into the cache
-            yield from generate_step(
-                mx.array([first_token], dtype=mx.uint32),
-                model.language_model,
-                max_tokens=opts.max_tokens - 1,
-                sampler=sampler,
-                logits_processors=processors or None,
-                prompt_cache=cache,
-                prefill_step_size=opts.prefill_step_size,
-                kv_bits=opts.kv_bits,
-                kv_group_size=opts.kv_group_size,
-                quantized_kv_start=opts.quantized_kv_start,
-            )
-
-        steps = rest()
+        # (a generator: nothing runs, and the first token is not fed, until the second is asked for)
+        steps = generate_step(
+            mx.array([first_token], dtype=mx.uint32),
+            model.language_model,
+            max_tokens=opts.max_tokens - 1,
+            sampler=sampler,
+            logits_processors=processors or None,
+            prompt_cache=cache,
+            prefill_step_size=opts.prefill_step_size,
+            kv_bits=opts.kv_bits,
+            kv_group_size=opts.kv_group_size,
+            quantized_kv_start=opts.quantized_kv_start,
+        )
         tokens = itertools.chain([(first_token, first_logprobs[0])], steps)
         detokenizer = processor.tokenizer.detokenizer
         prompt_tokens = len(ids)
@@ -607,7 +600,7 @@ class ChatSession:
             steps.close()
             # generate_step feeds every token it yields into the cache before yielding it; the
             # first token is fed here when decoding stopped before generate_step began.
-            if n and not decoding["started"]:
+            if n == 1:
                 model.language_model(mx.array([[first_token]]), cache=cache)
                 mx.eval([c.state for c in cache])
             self.history.extend(fed)
