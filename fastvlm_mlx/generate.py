@@ -511,9 +511,9 @@ class ChatSession:
         # mlx-lm's generate_step queues the second step before it hands out the first token
         # (pipelining that pays while decoding), so the first token would wait for the second
         # step's graph to be built, and on MLX's CPU backend for much of its compute (~175 vs
-        # ~300 ms for the 0.5B decoder, scripts/first_token_pipelining.py, BENCHMARKS.md). This step is generate_step's own `_step`:
-        # the model on the last position, the logits processors, KV quantization, log-softmax
-        # and the sampler, on mlx-lm's generation stream.
+        # ~300 ms for the 0.5B decoder: scripts/first_token_pipelining.py, BENCHMARKS.md).
+        # This step is generate_step's own `_step`: the model on the last position, the logits
+        # processors, KV quantization, log-softmax and the sampler, on mlx-lm's generation stream.
         from mlx_lm.generate import generation_stream
 
         raw = collections.deque()
