@@ -162,8 +162,7 @@ def user_text(processor, n_text_tokens: int, resolution: int) -> str:
     base = "Describe the image"
 
     def count(text):
-        ids = processor.encode(format_prompt(text, 1, DEFAULT_SYSTEM), resolution)
-        return len(ids) - processor.tokens_per_image(resolution)
+        return len(prompt_ids(processor, text, resolution)) - processor.tokens_per_image(resolution)
 
     have = count(base)
     if n_text_tokens < have:
@@ -280,6 +279,7 @@ class MlxVlm:
         from mlx_lm.models.cache import make_prompt_cache
 
         m = self.model
+        mask = no_eos_greedy(eos_ids, m.language_model.config.vocab_size)  # before the clock
         others = others_bytes(m)
         mx.reset_peak_memory()
         lap = _Lap(lambda: None)
@@ -306,7 +306,6 @@ class MlxVlm:
         m.language_model(input_ids[:, : L - 1], cache=cache, inputs_embeds=embeddings[:, :-1])
         mx.eval([c.state for c in cache])
         out["prefill_ms"] = lap()
-        mask = no_eos_greedy(eos_ids, m.language_model.config.vocab_size)
 
         def step(y, emb=None):
             logits = m.language_model(y, cache=cache, inputs_embeds=emb).logits[:, -1, :]
@@ -370,6 +369,7 @@ class Torch:
 
         m = self.model
         lm = m.model.language_model
+        eos = [i for i in eos_ids if 0 <= i < m.lm_head.out_features]  # before the clock
         on_gpu = self.torch_device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -394,7 +394,6 @@ class Torch:
             cache = DynamicCache(config=lm.config)
             lm(inputs_embeds=embeddings[:, :-1], past_key_values=cache, use_cache=True)
             out["prefill_ms"] = lap()
-            eos = [i for i in eos_ids if 0 <= i < m.lm_head.out_features]
 
             def step(emb):
                 hidden = lm(inputs_embeds=emb, past_key_values=cache, use_cache=True).last_hidden_state

@@ -298,9 +298,7 @@ class ChatSession:
         self.system = system
         # The model's sampling defaults (generation_config.json) hold where the caller is silent.
         given = {k: v for k, v in options.items() if v is not None or k == "seed"}
-        defaults = dict(getattr(processor, "generation_defaults", None) or {})
-        if "temp" in given or "sampler" in given:
-            defaults.pop("temperature", None)
+        defaults = getattr(processor, "generation_defaults", None) or {}
         self.options = GenerationOptions.from_kwargs({**defaults, **given})
         self.resolution = check_resolution(
             int(resolution) if resolution is not None else processor.image_size, processor.stride
@@ -518,10 +516,11 @@ class ChatSession:
 
         raw = collections.deque()
         processors = opts.make_processors()
-        full_history = mx.array(self.history + placeholder, dtype=mx.uint32)
         if processors:
             # generate_step's processors see only the tokens it was given; prepend the history.
             # The first processor records the raw log-probabilities (before any processor).
+            full_history = mx.array(self.history + placeholder, dtype=mx.uint32)
+
             def record(tokens, logits):
                 raw.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
                 return logits
