@@ -214,8 +214,7 @@ class Ours:
 
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
-        vocab = model.language_model.args.vocab_size
-        self.sampler = no_eos_greedy(processor.eos_token_ids, vocab)
+        self.sampler = no_eos_greedy(processor.eos_token_ids, model.vocab_size)
         self.device = str(mx.default_device())
 
     def run(self, image, text: str, resolution: int, tokens: int) -> Dict[str, float]:

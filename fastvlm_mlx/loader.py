@@ -97,6 +97,7 @@ def load_converted(
     if not lazy:
         mx.eval(model.parameters())
     processor = Processor.from_pretrained(path, config)
+    model.limit_vocabulary(len(processor.tokenizer))
     return model, processor
 
 

@@ -22,6 +22,24 @@ class Connector(nn.Module):
         return self.linear_2(nn.gelu(self.linear_1(x)))
 
 
+class LanguageModel(qwen2.Model):
+    """mlx-lm's Qwen2 decoder, its logits cut to the tokenizer's vocabulary.
+
+    Qwen2 checkpoints pad `embed_tokens` and `lm_head` past the tokenizer (151,936 rows for
+    151,665 tokens). Apple's loader resizes both to len(tokenizer), so the padded ids are never
+    produced and hold no softmax mass. Cutting the logits here does the same for every consumer
+    (our first token, mlx-lm's `generate_step` and `BatchGenerator`, logprobs) and keeps the
+    checkpoint's tensors as they are. `vocab_limit` None means the whole head.
+    """
+
+    vocab_limit: Optional[int] = None
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
+        logits = super().__call__(inputs, cache=cache, input_embeddings=input_embeddings)
+        n = self.vocab_limit
+        return logits if n is None or n >= logits.shape[-1] else logits[..., :n]
+
+
 def splice_image_features(
     input_ids: mx.array,
     text_embeddings: mx.array,
@@ -58,7 +76,17 @@ class Model(nn.Module):
         self.multi_modal_projector = Connector(
             config.vision_config.num_features, text_args.hidden_size
         )
-        self.language_model = qwen2.Model(text_args)
+        self.language_model = LanguageModel(text_args)
+
+    def limit_vocabulary(self, n: int) -> None:
+        """Never produce ids >= n (the tokenizer's length): see LanguageModel."""
+        self.language_model.vocab_limit = min(int(n), self.language_model.args.vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """How many ids the model can produce: the width of its logits."""
+        lm = self.language_model
+        return lm.vocab_limit if lm.vocab_limit is not None else lm.args.vocab_size
 
     # The three stages of an image's way into the prompt, kept apart so each can be timed.
     def encode_images(self, pixel_values: mx.array) -> mx.array:

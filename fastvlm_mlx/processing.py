@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -122,15 +123,105 @@ def _open(source, name: str, cap: int) -> Image.Image:
         raise InputError(f"cannot read image {name}: {reason}") from None
 
 
+# The decoding rules (README, "Image decoding"). Apple's predict.py decodes with
+# Image.open(f).convert("RGB"); where these rules differ from that, the comment says why.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": 16-bit PNGs in older Pillows
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# What Pillow raises on a broken EXIF block: SyntaxError ("not a TIFF file"), struct.error, and
+# from malformed tags ZeroDivisionError, IndexError, KeyError, TypeError, ValueError (Pillow
+# issues #4215, #5580, #8348, #8605). Nothing else is caught.
+EXIF_ERRORS = (SyntaxError, struct.error, ArithmeticError, LookupError, TypeError, ValueError)
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 = upright as stored); 1 when there is none or it is unreadable."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except EXIF_ERRORS:
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha band, a transparent palette entry or a transparent colour key (`transparency`)."""
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    # Rule 1: EXIF orientation is applied. Phone photos are stored sideways with a tag, and a
+    # sideways photo is a worse input for the model than this deviation from Apple's decode,
+    # which ignores the tag. A broken EXIF block is no reason to refuse the pixels: they are
+    # decoded as stored.
+    try:
+        return ImageOps.exif_transpose(image)
+    except EXIF_ERRORS:
+        return image
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit and float samples -> 8-bit levels (rule 3); any other mode as it is."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return _scaled_16_bit(image)
+    if image.mode == "F":
+        return _clipped_float(image)
+    return image
+
+
+def _scaled_16_bit(image: Image.Image) -> Image.Image:
+    # Rule 3: 16-bit samples are scaled (v * 255 / 65535, rounded), as every viewer shows them;
+    # Pillow's convert clips them, so all but the darkest 0.4% of the range would be white.
+    samples = np.asarray(image).astype(np.int64)
+    levels = np.round(np.clip(samples, 0, 65535) * (255 / 65535)).astype(np.uint8)
+    key = image.info.get("transparency")  # a 16-bit grey colour key (PNG tRNS): keep it as alpha
+    if not isinstance(key, int):
+        return Image.fromarray(levels)
+    alpha = np.where(samples == key, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([levels, alpha], axis=-1))  # LA
+
+
+def _clipped_float(image: Image.Image) -> Image.Image:
+    # Rule 3: float samples are 8-bit levels already; clipped to [0, 255] and rounded (Pillow's
+    # convert truncates), NaN as black.
+    samples = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    return Image.fromarray(np.clip(np.round(samples), 0, 255).astype(np.uint8))
+
+
+def _onto_white(image: Image.Image) -> Image.Image:
+    # Rule 2: transparency is composited onto white, as a browser or image viewer shows it (and
+    # qwen-vl-utils' to_rgb does): dark text or a logo on a transparent background stays legible.
+    # Apple's decode drops the alpha and shows whatever the encoder stored under transparent
+    # pixels, often black, where dark text vanishes. (The square padding stays black: it is the
+    # model's mean colour, added later by preprocess_image.)
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded PIL image of any mode -> upright RGB, by the decoding rules above. 16-bit RGB(A)
+    PNGs need nothing here: Pillow (13.0, checked) opens them as 8-bit RGB(A) with the high byte,
+    floor(v / 256), within one level of the scaled value and equal to it for 8-bit data stored
+    as 16 bits (v = 257 x). CMYK, 1-bit and palette images take Pillow's own conversion."""
+    image = to_8_bit(_upright(image))
+    try:
+        if has_transparency(image):
+            image = _onto_white(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (ValueError, OSError) as e:  # a mode Pillow has no conversion for, such as "La"
+        raise InputError(f"cannot convert an image of mode {image.mode} to RGB: {e}") from None
+
+
 def to_pil(
     image: ImageInput,
     max_pixels: Optional[int] = None,
     timeout: Optional[float] = None,
     max_bytes: Optional[int] = None,
 ) -> Image.Image:
-    """A path, http(s) URL, encoded image bytes, PIL image or HWC numpy array (uint8 RGB, or
-    float in [0, 1]) -> RGB PIL image, EXIF orientation applied. Images over `max_pixels` are
-    refused before decoding."""
+    """A path, http(s) URL, encoded image bytes, PIL image or HWC numpy array (uint8 RGB(A), or
+    float in [0, 1]) -> RGB PIL image, by the decoding rules (`to_rgb`). Images over
+    `max_pixels` are refused before decoding."""
     cap = pixel_cap(max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):  # e.g. a base64 data URL, decoded
         if not len(image):
@@ -148,7 +239,7 @@ def to_pil(
             arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
         elif arr.dtype != np.uint8:
             raise InputError(f"image array must be uint8 or float in [0, 1], got {arr.dtype}")
-        return Image.fromarray(np.ascontiguousarray(arr[..., :3]))
+        return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))  # HxWx4: RGBA, rule 2
     if is_url(image):
         image = _open(io.BytesIO(fetch_url(image, timeout, max_bytes)), image, cap)
     elif isinstance(image, (str, Path)):
@@ -162,14 +253,7 @@ def to_pil(
         raise InputError(f"unsupported image input of type {type(image).__name__}")
     if image.size[0] * image.size[1] > cap:
         raise InputError(f"image of {image.size[0]}x{image.size[1]} is over the pixel cap of {cap}")
-    image = ImageOps.exif_transpose(image)
-    if image.mode != "RGB":
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
-    return image
+    return to_rgb(image)
 
 
 def image_digest(image: Image.Image) -> str:

@@ -805,7 +805,7 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
         if req.logit_bias:
             from mlx_lm.sample_utils import make_logits_processors
 
-            vocab = int(model.language_model.args.vocab_size)
+            vocab = model.vocab_size
             bad = [t for t in req.logit_bias if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary "

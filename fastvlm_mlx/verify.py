@@ -279,6 +279,7 @@ def load_reference(src: Path, layout: str) -> Reference:
             # from_pretrained would fill these with random values: no reference then.
             raise VerifyError(f"{src} lacks tensor {sorted(info['missing_keys'])[0]!r}")
         model.eval()
+        apple_vocabulary(model, tokenizer)
         tower = model.model.vision_tower
 
         def vision(x):
@@ -296,6 +297,13 @@ def load_reference(src: Path, layout: str) -> Reference:
             **common,
         )
     return _apple_reference(src, cfg, common)
+
+
+def apple_vocabulary(model, tokenizer) -> None:
+    """As Apple's `load_pretrained_model`: the embeddings and head resized to len(tokenizer), so
+    the checkpoint's padded rows are never produced (our decoder's logits stop there too)."""
+    if len(tokenizer) < model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
 
 
 def _load_strict(module, state: dict, what: str) -> None:
@@ -365,6 +373,7 @@ def _apple_reference(src: Path, cfg: dict, common: dict) -> Reference:
     text.update(vocab_size=int(embed.shape[0]), tie_word_embeddings=False)
     lm = Qwen2ForCausalLM(Qwen2Config(**text)).float().eval()
     _load_strict(lm, text_state, "decoder")
+    apple_vocabulary(lm, common["tokenizer"])
 
     def vision(x):
         return tower.forward_features(x).flatten(2).permute(0, 2, 1)
@@ -392,6 +401,65 @@ def expand2square(image, background=(0, 0, 0)):
     out = Image.new(image.mode, (side, side), background)
     out.paste(image, ((side - w) // 2, (side - h) // 2))
     return out
+
+
+# Our deliberate deviations from Apple's decode (README, "Image decoding"), as the report names them.
+DEVIATION_EXIF = ("EXIF orientation {} applied (Apple's predict.py ignores it; a sideways photo is "
+                  "the worse input)")
+DEVIATION_ALPHA = ("transparency composited onto white (Apple's predict.py drops the alpha and shows "
+                   "what lies under it, often black)")
+DEVIATION_16_BIT = "16-bit samples scaled to 8 bits (Apple's convert('RGB') clips them, nearly all to white)"
+DEVIATION_FLOAT = "float samples rounded to 8 bits (Apple's convert('RGB') truncates them)"
+
+
+def reference_image(source):
+    """(the reference's decode of SOURCE, the deviations applied). SOURCE is a path, encoded
+    bytes or an image in memory; the decode is Apple's predict.py, `Image.open(f).convert('RGB')`,
+    except where the file needs one of our deliberate deviations: that rule is applied here too
+    and named, so that the pixel check still compares everything else."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    from .processing import EXIF_ERRORS, exif_orientation, has_transparency, to_8_bit, to_pil
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(source))
+    elif isinstance(source, (str, Path)):
+        image = Image.open(source)
+    elif isinstance(source, Image.Image):
+        image = source
+    else:  # an array is not decoded: both sides take its pixels
+        return to_pil(source), []
+    image.load()
+    deviations = []
+    orientation = exif_orientation(image)
+    if orientation != 1:
+        try:
+            image = ImageOps.exif_transpose(image)
+            deviations.append(DEVIATION_EXIF.format(orientation))
+        except EXIF_ERRORS:
+            pass  # a broken EXIF block: decoded as stored, on both sides
+    eight_bit = to_8_bit(image)  # Pillow has no scaling conversion: rule 3 is ours (test_processing)
+    if eight_bit is not image:
+        deviations.append(DEVIATION_FLOAT if image.mode == "F" else DEVIATION_16_BIT)
+        image = eight_bit
+    if has_transparency(image):
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # an opaque alpha band changes nothing
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            deviations.append(DEVIATION_ALPHA)
+    return image.convert("RGB"), deviations
+
+
+def decode_image(image):
+    """(what our side reads, our decode, the reference's decode, its deviations). A URL is
+    fetched once, and its bytes are decoded both ways."""
+    from .processing import fetch_url, is_url, to_pil
+
+    source = fetch_url(image) if is_url(image) else image
+    ours = to_pil(source)  # first: a bad image is refused in our one line
+    return (source, ours, *reference_image(source))
 
 
 def reference_pixels(image, size: int, preprocessor: dict) -> np.ndarray:
@@ -441,6 +509,7 @@ class ReferenceRun:
 
 
 def run_reference(ref: Reference, image, prompt: str, n_tokens: int, eos: set) -> ReferenceRun:
+    """The reference on IMAGE, its own decode (`reference_image`): pixels, prompt, greedy tokens."""
     import torch
 
     with torch.inference_mode():
@@ -670,6 +739,9 @@ def format_table(report: dict) -> str:
 
     pre = report["preprocessing"]
     pixels = fig(pre["pixels_max_diff"], PIXEL_TOL)
+    decode = "Apple's, Image.open(f).convert('RGB')"
+    if pre["decode_deviations"]:
+        decode = "Apple's, with our deliberate deviations: " + "; ".join(pre["decode_deviations"])
     prompt = f"same ({pre['prompt_tokens']} ids)"
     if not pre["prompt_ok"]:
         prompt = f"differ {pre['prompt_detail']} FAIL"
@@ -680,7 +752,8 @@ def format_table(report: dict) -> str:
         f"ours: MLX on {report['device']}: " + "; ".join(f"{n} = {c['source']}" for n, c in cols.items()),
         "",
         row("", list(cols)),
-        row("preprocessing  pixels, max |diff|", [pixels]),
+        row("preprocessing  image decode", [decode]),
+        row("               pixels, max |diff|", [pixels]),
         row("               prompt tokens", [prompt]),
     ]
     if not pre["resolution_ok"]:
@@ -731,11 +804,14 @@ def load_float32(src: Path, tmp: Path):
     return load_converted(path)
 
 
-def check_preprocessing(processor, image, prompt: str, r: ReferenceRun, size: int) -> dict:
-    """Our pixels, template and prompt ids against the reference's (no dtype changes these)."""
+def check_preprocessing(processor, source, prompt: str, r: ReferenceRun, size: int,
+                        deviations: List[str]) -> dict:
+    """Our pixels (our decode of SOURCE, the file or URL bytes), template and prompt ids against
+    the reference's (no dtype changes these); DEVIATIONS: what the reference's decode took from
+    our rules, where they deliberately differ from Apple's."""
     from .processing import format_prompt
 
-    pixels = np.array(processor.pixels([image], size=size)).transpose(0, 3, 1, 2)
+    pixels = np.array(processor.pixels([source], size=size)).transpose(0, 3, 1, 2)
     diff = float(np.abs(pixels - r.pixels).max()) if pixels.shape == r.pixels.shape else float("inf")
     text = format_prompt(prompt, 1)
     ours = processor.encode(text, size=size)
@@ -747,7 +823,7 @@ def check_preprocessing(processor, image, prompt: str, r: ReferenceRun, size: in
         at = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
         detail = f"at position {at} ({len(ours)} vs {len(ref)} ids)"
     return {
-        "pixels_max_diff": diff, "pixels_ok": diff <= PIXEL_TOL,
+        "decode_deviations": deviations, "pixels_max_diff": diff, "pixels_ok": diff <= PIXEL_TOL,
         "prompt_tokens": len(ref), "prompt_ok": not detail, "prompt_detail": detail,
         "resolution_ok": processor.image_size == size,
         "resolution_detail": f"ours {processor.image_size} px, the reference's {size} px",
@@ -765,9 +841,9 @@ def verify(model: str, image, prompt: str = DEFAULT_PROMPT, tokens: int = DEFAUL
     import mlx.core as mx
 
     from .loader import converted_path, load_converted, read_config
-    from .processing import Processor, to_pil
+    from .processing import Processor
 
-    pil = to_pil(image)
+    source, pil, ref_image, deviations = decode_image(image)
     src = resolve_source(model)
     layout = source_layout(src)
     # Converting (once, into load()'s cache) comes first: a source it refuses stops here.
@@ -778,11 +854,11 @@ def verify(model: str, image, prompt: str = DEFAULT_PROMPT, tokens: int = DEFAUL
     # The reference runs alone; its results are kept as numpy and the model is freed, so that
     # at most one model is in memory at a time.
     ref = load_reference(src, layout)
-    r = run_reference(ref, pil, prompt, tokens, stop_ids(processor))
+    r = run_reference(ref, ref_image, prompt, tokens, stop_ids(processor))
     ref_description, size = ref.description, ref.size
     del ref
     gc.collect()
-    pre = check_preprocessing(processor, pil, prompt, r, size)
+    pre = check_preprocessing(processor, source, prompt, r, size, deviations)
 
     columns = {}
     with tempfile.TemporaryDirectory(prefix="fastvlm-verify-") as tmp:

@@ -217,7 +217,8 @@ class ConvMlp(nn.Module):
         """fc1(conv(x) + b) == fc1'(conv(x)) with fc1' bias += W1 b: one elementwise op less."""
         conv = self.conv.conv
         if "bias" in conv:
-            self.fc1.bias = self.fc1.bias + self.fc1.weight @ conv.bias
+            w1, b1, b = (_f32(t) for t in (self.fc1.weight, self.fc1.bias, conv.bias))
+            self.fc1.bias = (b1 + w1 @ b).astype(self.fc1.bias.dtype)
             conv.pop("bias")
 
 
@@ -230,13 +231,17 @@ class LayerScale2d(nn.Module):
         return x * self.gamma
 
 
+def _f32(t: mx.array) -> mx.array:
+    return t.astype(mx.float32)
+
+
 def _fold_layer_scale(block: nn.Module, scale_name: str, linear: nn.Linear) -> None:
     """gamma * (W x + b) == (gamma W) x + gamma b: one elementwise op less per residual branch."""
     if scale_name not in block:
         return
-    gamma = block[scale_name].gamma
-    linear.weight = linear.weight * gamma[:, None]
-    linear.bias = linear.bias * gamma
+    gamma = _f32(block[scale_name].gamma)
+    linear.weight = (_f32(linear.weight) * gamma[:, None]).astype(linear.weight.dtype)
+    linear.bias = (_f32(linear.bias) * gamma).astype(linear.bias.dtype)
     block.pop(scale_name)
 
 
@@ -347,8 +352,9 @@ class FastViTHD(nn.Module):
         """The inference form, made once at load: every layer scale folded into the linear
         before it, and every ConvFFN's depthwise-conv bias into the fc1 after it.
 
-        The parameters then no longer hold those tensors; the output is the same up to float
-        rounding (done in the weights' dtype).
+        The parameters then no longer hold those tensors. Each fold is computed in float32 and
+        rounded once to the weights' dtype, so in half precision it adds one rounding of that
+        dtype to the folded tensors and nothing more; in float32 it is float32 rounding.
         """
         for stage in self.stages:
             for blk in stage.blocks:

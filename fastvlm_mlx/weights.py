@@ -123,7 +123,12 @@ def detect_layout(keys: Iterable[str]) -> str:
 
 
 def _fold_batchnorms(weights: Dict[str, mx.array]) -> None:
-    """ConvFFN: depthwise conv (no bias) -> BatchNorm(eval)  ==  one conv with a bias."""
+    """ConvFFN: depthwise conv (no bias) -> BatchNorm(eval)  ==  one conv with a bias.
+
+    The fold is computed in float32 and left there: casting it back to the source's dtype
+    (bfloat16 in Apple's releases) would round it once more before the converter's one cast to
+    the dtype asked for, and a float32 conversion of a bf16 checkpoint would carry bf16 error.
+    """
     for bn in [k[: -len(".running_var")] for k in weights if k.endswith(".mlp.conv.bn.running_var")]:
         parts = {}
         for p in ("weight", "bias", "running_mean", "running_var"):
@@ -137,8 +142,8 @@ def _fold_batchnorms(weights: Dict[str, mx.array]) -> None:
         w = weights[f"{conv}.weight"]
         scale = parts["weight"] * mx.rsqrt(parts["running_var"] + BN_EPS)
         shape = (-1,) + (1,) * (w.ndim - 1)
-        weights[f"{conv}.weight"] = (w.astype(mx.float32) * scale.reshape(shape)).astype(w.dtype)
-        weights[f"{conv}.bias"] = (parts["bias"] - parts["running_mean"] * scale).astype(w.dtype)
+        weights[f"{conv}.weight"] = w.astype(mx.float32) * scale.reshape(shape)
+        weights[f"{conv}.bias"] = parts["bias"] - parts["running_mean"] * scale
 
 
 def _to_mlx_tensor(key: str, value: mx.array, torch_layout: bool) -> mx.array:

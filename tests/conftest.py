@@ -10,13 +10,18 @@ import reference as ref
 
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory):
-    """(reference model, transformers-layout checkpoint dir, special-token ids)."""
+    """(reference model, transformers-layout checkpoint dir, special-token ids).
+
+    The checkpoint's vocabulary is padded past the tokenizer's (512 rows for 400 tokens), as
+    Qwen2's releases are; the reference model is then resized to the tokenizer as Apple's
+    loader does, so padded ids are never produced. Other layouts are built from the checkpoint
+    on disk (`ref.checkpoint_state`), padding included."""
     path = tmp_path_factory.mktemp("tiny_hf")
     ids = ref.write_tokenizer(path)
     model = ref.transformers_vlm(image_token_id=ids[ref.IMAGE])
     model.save_pretrained(str(path))
     ref.save_json(path / "preprocessor_config.json", {"crop_size": {"height": 256, "width": 256}})
-    return model, path, ids
+    return ref.apple_vocabulary(model, path), path, ids
 
 
 @pytest.fixture(scope="session")

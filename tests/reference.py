@@ -105,6 +105,43 @@ def transformers_vlm(layers=TINY_LAYERS, image_token_id=5, seed=0, **text):
     return m
 
 
+def tokenizer_length(path: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(path)))
+
+
+@torch.no_grad()
+def apple_vocabulary(model, tokenizer_dir: Path):
+    """The model as Apple's `load_pretrained_model` leaves it: embeddings and lm_head resized
+    to len(tokenizer), so the checkpoint's padded rows can never be produced (in place)."""
+    model.resize_token_embeddings(tokenizer_length(tokenizer_dir))
+    return model
+
+
+def checkpoint_state(path: Path) -> dict:
+    """The tensors of a transformers checkpoint directory, as saved (torch tensors)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids, pixels_nchw, n_tokens: int):
+    """transformers' greedy continuation: (token ids, log-softmax of the raw logits at each)."""
+    out = model.generate(
+        input_ids=torch.tensor([prompt_ids]), pixel_values=torch.from_numpy(pixels_nchw),
+        max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, eos_token_id=None,
+        pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+    )
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
 def pixels(n=1, size=256, seed=0) -> np.ndarray:
     """Random images in [0, 1], NCHW float32."""
     return np.random.default_rng(seed).random((n, 3, size, size), dtype=np.float32)

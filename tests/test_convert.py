@@ -80,9 +80,9 @@ def test_transformers_layout(tiny_source, tmp_path):
 
 
 def write_apple(path: Path, tiny_source, fmt: str) -> Path:
-    model_ref, src, _ = tiny_source
+    _, src, _ = tiny_source
     copy_tokenizer(src, path)
-    state = {ref.to_apple_key(k): v.contiguous() for k, v in model_ref.state_dict().items()}
+    state = {ref.to_apple_key(k): v.contiguous() for k, v in ref.checkpoint_state(src).items()}
     assert not any("timm_model" in k for k in state)
     if fmt == "bin":
         torch.save(state, path / "pytorch_model.bin")
@@ -107,9 +107,9 @@ def test_apple_layout(tiny_source, tmp_path, fmt):
 
 
 def write_mlx_vlm(path: Path, tiny_source, bits=None) -> Path:
-    model_ref, src, _ = tiny_source
+    _, src, _ = tiny_source
     copy_tokenizer(src, path)
-    weights = {k: mx.array(v) for k, v in ref.to_mlx_vlm(model_ref.state_dict()).items()}
+    weights = {k: mx.array(v) for k, v in ref.to_mlx_vlm(ref.checkpoint_state(src)).items()}
     cfg = ref.apple_config(256, ref.text_config())
     cfg["image_token_index"] = -200
     if bits:
@@ -137,9 +137,9 @@ def test_quantized_mlx_vlm_layout(tiny_source, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     model, processor = fastvlm_mlx.load(out)
     # the reference, with its decoder weights replaced by the dequantized 4-bit ones
-    model_ref, _, ids = tiny_source
+    _, tiny_dir, ids = tiny_source
     deq = ref.transformers_vlm(image_token_id=ids[ref.IMAGE])
-    deq.load_state_dict(model_ref.state_dict())
+    deq.load_state_dict(ref.checkpoint_state(tiny_dir))
     qw = mx.load(str(src / "model.safetensors"))
     with torch.no_grad():
         for name, p in deq.named_parameters():
@@ -152,11 +152,108 @@ def test_quantized_mlx_vlm_layout(tiny_source, tmp_path):
                 b = key[: -len(".weight")]
                 w = mx.dequantize(qw[key], qw[b + ".scales"], qw[b + ".biases"], group_size=64, bits=4)
                 p.copy_(torch.from_numpy(np.array(w)))
+    ref.apple_vocabulary(deq, tiny_dir)
     image, x = image_and_pixels(1)
     input_ids = processor.encode(format_prompt("Describe the image.", 1))
     ref_ids = [ids[ref.IMAGE] if i == -200 else i for i in input_ids]
     got = np.array(model(mx.array([input_ids]), processor.pixels([image])))
     assert ref.rel_err(got, reference_logits(deq, [ref_ids], x)) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Half-precision sources (Apple releases bfloat16): conversion rounds each tensor once, to the
+# dtype asked for, and nowhere else.
+
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Unit roundoff (half an ulp, relative) of the target dtypes: round-to-nearest moves a value by
+# at most this fraction of itself; below the smallest normal float16 (2^-14) the spacing is
+# absolute, 2^-24, so half of that is the floor.
+UNIT_ROUNDOFF = {mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
+FLOAT16_FLOOR = 2.0**-25
+
+
+def write_source(path: Path, tiny_source, layout: str, dtype: torch.dtype, upcast=False) -> Path:
+    """The tiny checkpoint with every floating tensor rounded to `dtype`, in `layout`; stored
+    in `dtype`, or with `upcast` the same values stored in float32."""
+    from safetensors.torch import save_file
+
+    _, src, _ = tiny_source
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ref.checkpoint_state(src).items()}
+    if upcast:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if layout == "apple":
+        copy_tokenizer(src, path)
+        state = {ref.to_apple_key(k): v for k, v in state.items()}
+        ref.save_json(path / "config.json", ref.apple_config(256, ref.text_config()))
+    else:
+        shutil.copytree(src, path, ignore=shutil.ignore_patterns("*.safetensors*"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return path
+
+
+def upcast_oracle(tiny_source, half_dtype):
+    """transformers' FastVLM in float32 on the half-precision values, upcast (Apple's vocabulary)."""
+    _, src, ids = tiny_source
+    oracle = ref.transformers_vlm(image_token_id=ids[ref.IMAGE])
+    oracle.load_state_dict({k: v.to(half_dtype).float() if v.is_floating_point() else v
+                            for k, v in ref.checkpoint_state(src).items()})
+    return ref.apple_vocabulary(oracle, src)
+
+
+def tower_output(model, seed=5):
+    x = mx.array(ref.pixels(1, 256, seed=seed).transpose(0, 2, 3, 1))
+    return np.array(model.encode_images(x).astype(mx.float32))
+
+
+@pytest.mark.parametrize("layout", ["transformers", "apple"])
+@pytest.mark.parametrize("source", ["bfloat16", "float16"])
+def test_half_precision_source_to_float32_is_exact(tiny_source, tmp_path, layout, source):
+    half = write_source(tmp_path / "half", tiny_source, layout, HALF[source])
+    model, processor = fastvlm_mlx.load(convert(half, tmp_path / "f32", dtype="float32"))
+    # The same values, upcast to float32 before conversion: conversion of a half-precision
+    # source must add nothing to them. Same shapes, same kernels: float32 rounding at most.
+    upcast = write_source(tmp_path / "up", tiny_source, layout, HALF[source], upcast=True)
+    model_up, _ = fastvlm_mlx.load(convert(upcast, tmp_path / "up32", dtype="float32"))
+    err = ref.rel_err(tower_output(model), tower_output(model_up))
+    print(f"{layout} {source} -> float32: tower rel err vs the upcast conversion {err:.1e}")
+    assert err <= 1e-6
+
+    # And the whole model against transformers in float32 on the upcast values: greedy ids and
+    # raw logprobs (logprob differences of float32 logits: ~1e-5, bound 1e-4 as elsewhere).
+    oracle = upcast_oracle(tiny_source, HALF[source])
+    image, x = image_and_pixels(3)
+    prompt_ids = processor.encode(format_prompt("Describe the image.", 1))
+    ids = tiny_source[2]
+    ref_ids = [ids[ref.IMAGE] if i == processor.image_token_id else i for i in prompt_ids]
+    tokens, logprobs = ref.greedy(oracle, ref_ids, x, 8)
+    r = fastvlm_mlx.generate(model, processor, "Describe the image.", images=[image], max_tokens=8,
+                             feature_cache=False)
+    assert r.token_ids == tokens[: len(r.token_ids)] and len(r.token_ids) >= 4
+    np.testing.assert_allclose(r.logprobs, logprobs[: len(r.token_ids)], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["transformers", "apple"])
+@pytest.mark.parametrize("source,target", [("bfloat16", "float16"), ("float16", "bfloat16"),
+                                           ("bfloat16", "bfloat16")])
+def test_half_precision_source_to_half_rounds_once(tiny_source, tmp_path, layout, source, target):
+    """Every converted tensor is the float32 conversion of the upcast values, rounded once to
+    the target dtype (a fold rounded to the source dtype first would be two roundings)."""
+    half = write_source(tmp_path / "half", tiny_source, layout, HALF[source])
+    upcast = write_source(tmp_path / "up", tiny_source, layout, HALF[source], upcast=True)
+    exact = mx.load(str(convert(upcast, tmp_path / "f32", dtype="float32") / "model.safetensors"))
+    rounded = mx.load(str(convert(half, tmp_path / "h", dtype=target) / "model.safetensors"))
+    u = UNIT_ROUNDOFF[getattr(mx, target)]
+    assert exact.keys() == rounded.keys()
+    worst = 0.0
+    for k, e in exact.items():
+        assert rounded[k].dtype == getattr(mx, target), k
+        e = np.array(e, np.float64)
+        r = np.array(rounded[k].astype(mx.float32), np.float64)
+        ratio = np.abs(r - e) / (u * np.abs(e) + FLOAT16_FLOOR)
+        worst = max(worst, float(ratio.max()))
+        assert (ratio <= 1).all(), f"{k}: more than one {target} rounding"
+    print(f"{layout} {source} -> {target}: worst error {worst:.2f} of one rounding")
 
 
 def test_own_output_is_a_no_op(tiny_converted, tiny_source, tmp_path):

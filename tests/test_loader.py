@@ -60,10 +60,37 @@ def test_missing_weights_are_named(tiny_converted, tmp_path):
         fastvlm_mlx.load(d)
 
 
-def test_runtime_dtype_is_float32_on_the_cpu():
-    """The CLIs' default: MLX's CPU half-precision matmul is slow, so float32 there."""
-    from fastvlm_mlx.loader import runtime_dtype
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU backend's default")
+def test_clis_run_float32_on_the_cpu(tiny_source, tmp_path):
+    """A float16 model run by the generate CLI on MLX's CPU computes in float32 (its half
+    precision matmul is slow): its logprobs are the float32 load's, to float32 rounding, and
+    not the float16 load's; --dtype float16 gives those."""
+    import json
+    import subprocess
+    import sys
 
-    assert runtime_dtype("bfloat16") == mx.bfloat16
-    expected = mx.float32 if mx.default_device() == mx.cpu else None
-    assert runtime_dtype(None) == expected
+    from fastvlm_mlx.convert import convert
+    from fastvlm_mlx.generate import generate
+
+    f16 = convert(tiny_source[1], tmp_path / "f16", dtype="float16")
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+
+    def cli(*extra):
+        p = subprocess.run(
+            [sys.executable, "-m", "fastvlm_mlx.generate", "--model", str(f16), "--image", str(image),
+             "--max-tokens", "4", "--json", *extra], capture_output=True, text=True, timeout=180,
+        )
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)["logprobs"]
+
+    def api(dtype):
+        model, processor = fastvlm_mlx.load(f16, dtype=dtype)
+        return generate(model, processor, images=[str(image)], max_tokens=4).logprobs
+
+    as_f32, as_f16 = api(mx.float32), api(None)
+    assert np.abs(np.subtract(as_f32, as_f16)).max() > 1e-3, "float16 and float32 agree: weak test"
+    np.testing.assert_allclose(cli(), as_f32, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cli("--dtype", "float16"), as_f16, atol=1e-4, rtol=0)

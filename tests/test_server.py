@@ -186,7 +186,7 @@ def test_plain_and_streamed_completions_equal_generate(live, images, expected):
     assert last["choices"][0]["finish_reason"] and "usage" in last and "timings" in last
 
 
-def test_logprobs_seed_and_text_only(live, expected):
+def test_logprobs_seed_and_text_only(live, expected, tiny_loaded):
     want = expected("Hello there", None)
     r = live.client().chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=N,
@@ -205,6 +205,15 @@ def test_logprobs_seed_and_text_only(live, expected):
               temperature=1.5, top_p=0.95, seed=7)
     a, b = (live.client().chat.completions.create(**kw) for _ in range(2))
     assert a.choices[0].message.content == b.choices[0].message.content
+    # ... and it is sampling at that temperature: the same draw as generate()'s, off the greedy
+    # answer (so a server that ignored temperature, top_p or seed would fail here).
+    model, processor = tiny_loaded
+    sampled = generate(model, processor, "Hello there", max_tokens=N, temperature=1.5, top_p=0.95,
+                       seed=7, feature_cache=False)
+    assert a.choices[0].message.content == sampled.text
+    assert sampled.token_ids != want.token_ids
+    other_seed = live.client().chat.completions.create(**{**kw, "seed": 8})
+    assert other_seed.choices[0].message.content != a.choices[0].message.content
 
 
 def test_stop_sequences_cut_the_text(live, images, expected):

@@ -11,7 +11,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
+import fastvlm_mlx.processing as P
 import reference as ref
 from fastvlm_mlx import verify as V
 from fastvlm_mlx.convert import convert
@@ -25,14 +27,14 @@ TOKENS = "6"
 def apple_source(tiny_source, tmp_path_factory):
     """The tiny model in Apple's layout (llava_qwen2 names, no preprocessor_config.json: the
     resolution comes from mm_vision_tower's suffix)."""
-    model_ref, src, _ = tiny_source
+    _, src, _ = tiny_source
     path = tmp_path_factory.mktemp("apple_src")
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / f).exists():
             shutil.copy2(src / f, path / f)
     from safetensors.torch import save_file
 
-    state = {ref.to_apple_key(k): v.contiguous() for k, v in model_ref.state_dict().items()}
+    state = {ref.to_apple_key(k): v.contiguous() for k, v in ref.checkpoint_state(src).items()}
     save_file(state, str(path / "model.safetensors"))
     ref.save_json(path / "config.json", ref.apple_config(256, ref.text_config()))
     return path
@@ -48,8 +50,19 @@ def sources(tiny_source, apple_source, tmp_path_factory):
     }
 
 
-def run(capsys, src, converted, *extra):
-    rc = V.main(["--model", str(src), "--converted", str(converted), "--image", str(IMAGE),
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory):
+    """The photo stored turned anticlockwise, with EXIF orientation 6: shown upright. Apple's
+    decode ignores the tag; ours applies it."""
+    path = tmp_path_factory.mktemp("rotated") / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(IMAGE).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+    return path
+
+
+def run(capsys, src, converted, *extra, image=IMAGE):
+    rc = V.main(["--model", str(src), "--converted", str(converted), "--image", str(image),
                  "--tokens", TOKENS, *extra])
     out, err = capsys.readouterr()
     return rc, out, err
@@ -61,6 +74,7 @@ def check_passing_report(report, layout):
     assert set(report["columns"]) == {"float32", "float16"}
     pre = report["preprocessing"]
     assert pre["pixels_max_diff"] == 0.0 and pre["prompt_ok"]
+    assert pre["decode_deviations"] == []  # a plain JPEG: Apple's decode, unchanged
     f32, f16 = report["columns"]["float32"], report["columns"]["float16"]
     # float32 agrees with the reference far inside its bounds; float16 is measurably rounded
     for key in ("vision_rel_err", "connector_rel_err", "decoder_rel_err", "e2e_rel_err"):
@@ -90,6 +104,7 @@ def test_passes_on_an_apple_checkpoint_and_prints_a_table(sources):
                 "first-step logits", "top-1 / top-5", "greedy tokens", "TTFT", "reference, CPU"):
         assert row in table, row
     assert "timm fastvit_mci3" in table and "float16" in table and "FAIL" not in table
+    assert "image decode" in table and "Apple's, Image.open(f).convert('RGB')" in table
     assert V.verdict_line(report) == "verify: OK, every figure within its threshold"
 
 
@@ -125,30 +140,135 @@ def test_an_altered_tensor_is_named(capsys, sources, tmp_path, part, prefix):
     assert len(lines) == 1 and lines[0].startswith(f"error: diverged: {part};"), err
 
 
-def test_a_preprocessing_fault_is_named(capsys, sources, monkeypatch):
-    """Our resize with the wrong filter (bilinear, not bicubic): only preprocessing is named,
-    since every part is fed the reference's own inputs."""
-    from PIL import Image
+def faulty_preprocessing(filter=Image.Resampling.BICUBIC, centred=True):
+    """Our preprocessing with one fault: another resize filter, or the image pasted at the
+    square's corner instead of its centre."""
 
-    import fastvlm_mlx.processing as P
-
-    real = P.preprocess_image
-
-    def bilinear(image, size):
+    def preprocess(image, size):
         im = P.to_pil(image)
         side = max(im.size)
         square = Image.new("RGB", (side, side))
-        square.paste(im, ((side - im.size[0]) // 2, (side - im.size[1]) // 2))
-        return np.asarray(square.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
+        offset = ((side - im.size[0]) // 2, (side - im.size[1]) // 2) if centred else (0, 0)
+        square.paste(im, offset)
+        return np.asarray(square.resize((size, size), filter), np.float32) / 255.0
 
-    monkeypatch.setattr(P, "preprocess_image", bilinear)
-    assert np.abs(bilinear(str(IMAGE), 256) - real(str(IMAGE), 256)).max() > 0.05
-    rc, out, err = run(capsys, *sources["apple"], "--json")
+    return preprocess
+
+
+@pytest.mark.parametrize("fault,rotated_image", [
+    (dict(filter=Image.Resampling.BILINEAR), False),
+    (dict(centred=False), True),  # a deliberate decode deviation does not hide a real fault
+], ids=["bilinear", "corner-pad-rotated"])
+def test_a_preprocessing_fault_is_named(capsys, sources, monkeypatch, rotated, fault, rotated_image):
+    """Our resize with the wrong filter, or our pad at the wrong offset: only preprocessing is
+    named, since every part is fed the reference's own inputs."""
+    image = rotated if rotated_image else IMAGE
+    bad = faulty_preprocessing(**fault)
+    assert np.abs(bad(str(image), 256) - P.preprocess_image(str(image), 256)).max() > 0.05
+    monkeypatch.setattr(P, "preprocess_image", bad)
+    rc, out, err = run(capsys, *sources["apple"], "--json", image=image)
     assert rc == V.EXIT_DIVERGED, err
     report = json.loads(out)
     assert report["diverged"] == ["preprocessing"], report["failures"]
     assert report["preprocessing"]["pixels_max_diff"] > V.PIXEL_TOL
+    assert len(report["preprocessing"]["decode_deviations"]) == int(rotated_image)
     assert err.startswith("error: diverged: preprocessing;")
+
+
+def test_an_exif_rotated_photo_is_a_reported_deviation_and_passes(sources, rotated):
+    src, converted = sources["apple"]
+    report = V.verify(str(src), str(rotated), tokens=int(TOKENS), converted=str(converted))
+    assert report["ok"], report["failures"]
+    pre = report["preprocessing"]
+    assert pre["decode_deviations"] == [V.DEVIATION_EXIF.format(6)]
+    assert pre["pixels_max_diff"] == 0.0
+    table = V.format_table(report)
+    assert "with our deliberate deviations: EXIF orientation 6 applied" in table
+    assert "FAIL" not in table
+    assert '"decode_deviations": ["EXIF orientation 6 applied' in json.dumps(report, default=str)
+
+
+# --- the two decodes, without the models ------------------------------------------------------
+
+
+def pixels_apart(image, reference_image):
+    """max |our pixels - the reference's| at 256 px, the reference fed REFERENCE_IMAGE."""
+    ours = P.preprocess_image(image, 256).transpose(2, 0, 1)[None]
+    return float(np.abs(ours - V.reference_pixels(reference_image, 256, {})).max())
+
+
+def apple_decode(path):
+    return Image.open(path).convert("RGB")
+
+
+def transparent_png(path):
+    """The photo with a transparent band (black stored under it) and a half-transparent one."""
+    rgba = np.asarray(Image.open(IMAGE).convert("RGBA")).copy()
+    rgba[:, :100] = (0, 0, 0, 0)
+    rgba[:, 100:200, 3] = 128
+    Image.fromarray(rgba).save(path)
+    return path
+
+
+def sixteen_bit_png(path):
+    grey = np.asarray(Image.open(IMAGE).convert("L"), np.uint16) * 257
+    Image.fromarray(grey).save(path)
+    return path
+
+
+def palette_png(path):
+    Image.open(IMAGE).quantize(16).save(path, transparency=0)
+    return path
+
+
+def broken_exif_jpeg(path):
+    Image.open(IMAGE).save(path, exif=b"Exif\x00\x00XXXX" + bytes(8), quality=95)
+    return path
+
+
+@pytest.mark.parametrize("make,deviations", [
+    (lambda tmp, rot: IMAGE, []),
+    (lambda tmp, rot: broken_exif_jpeg(tmp / "b.jpg"), []),  # no rotation on either side
+    (lambda tmp, rot: rot, [V.DEVIATION_EXIF.format(6)]),
+    (lambda tmp, rot: transparent_png(tmp / "t.png"), [V.DEVIATION_ALPHA]),
+    (lambda tmp, rot: palette_png(tmp / "p.png"), [V.DEVIATION_ALPHA]),
+    (lambda tmp, rot: sixteen_bit_png(tmp / "g16.png"), [V.DEVIATION_16_BIT]),
+], ids=["jpeg", "broken-exif", "exif-rotated", "rgba", "palette-transparent", "16-bit"])
+def test_the_reference_decodes_the_file_itself(tmp_path, rotated, make, deviations):
+    """Our pixels against the reference's own decode of the same file: equal. Where a
+    deviation is named, Apple's plain decode really differs (and would fail the check)."""
+    path = make(tmp_path, rotated)
+    source, _, ref_image, found = V.decode_image(str(path))
+    assert source == str(path) and found == deviations
+    assert pixels_apart(str(path), ref_image) == 0.0
+    apart = pixels_apart(str(path), apple_decode(path))
+    assert (apart > 0.1) if deviations else (apart == 0.0), apart
+
+
+def test_a_decode_fault_of_ours_is_seen(tmp_path, monkeypatch):
+    """The reference decodes (and composites onto white) by itself, so our decode compositing
+    onto black shows, where feeding one decoded image to both sides would hide it."""
+    path = transparent_png(tmp_path / "t.png")
+
+    def onto_black(image):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+
+    monkeypatch.setattr(P, "_onto_white", onto_black)
+    source, _, ref_image, found = V.decode_image(str(path))
+    assert found == [V.DEVIATION_ALPHA]
+    assert pixels_apart(source, ref_image) > 0.5
+
+
+def test_a_url_is_fetched_once_and_decoded_both_ways(rotated, monkeypatch):
+    data = rotated.read_bytes()
+    fetched = []
+    monkeypatch.setattr(P, "fetch_url", lambda url, *a, **k: fetched.append(url) or data)
+    source, ours, ref_image, found = V.decode_image("https://example.com/rotated.jpg")
+    assert fetched == ["https://example.com/rotated.jpg"] and source == data
+    assert found == [V.DEVIATION_EXIF.format(6)]
+    assert pixels_apart(data, ref_image) == 0.0
+    assert P.image_digest(ours) == P.image_digest(P.to_pil(rotated))
 
 
 def cli(*args, env=None, pre=""):
