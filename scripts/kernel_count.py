@@ -96,8 +96,9 @@ def gpu_formulation(sdpa: str = "cuda", stand_ins: bool = True):
     """While building a graph: the tower's GPU path, and each mx.fast op as its one GPU kernel
     (with `stand_ins` false, the fast ops as this backend builds them).
 
-    Only for counting: the stand-ins compute nothing meaningful. Build a fresh model inside, so
-    that no compiled function keeps a trace made with them.
+    Only for counting: the stand-ins compute nothing meaningful, and a function compiled while
+    they are in place keeps them in its trace for those shapes. The tower's compiled kernels call
+    no mx.fast op; a model whose compiled functions do must be counted fresh and then dropped.
     """
     fast = {name: getattr(mx.fast, name) for name in _FAST_OPS}
 
@@ -177,8 +178,8 @@ def _random_tower(dtype: mx.Dtype):
 
 def tower_kernels(size: int, dtype: mx.Dtype = mx.float16, sdpa: str = "cuda", tower=None,
                   stand_ins: bool = True):
-    """Kernels of one FastViTHD forward on one (1, size, size, 3) image (a fresh random tower
-    unless one is given: counting leaves stand-in traces in its compiled functions)."""
+    """Kernels of one FastViTHD forward on one (1, size, size, 3) image (a fresh random tower,
+    float16 as a GPU runs it, unless one is given)."""
     tower = tower if tower is not None else _random_tower(dtype)
     x = mx.random.uniform(shape=(1, size, size, 3)).astype(dtype)
     mx.eval(x)
@@ -201,15 +202,17 @@ def connector_kernels(tokens: int, dtype: mx.Dtype = mx.float16, sdpa: str = "cu
 
 
 def prefill_kernels(positions: int, dtype: mx.Dtype = mx.float16, sdpa: str = "cuda",
-                    stand_ins: bool = True):
-    """Kernels of one prefill step of a Qwen2-0.5B-shaped mlx-lm decoder over `positions`
-    prompt embeddings, into a fresh KV cache, as `generate` runs and evaluates it."""
+                    stand_ins: bool = True, text_config: dict = None):
+    """Kernels of one prefill step of an mlx-lm Qwen2 decoder (FastVLM-0.5B's shape unless
+    `text_config` says otherwise) over `positions` prompt embeddings, into a fresh KV cache, as
+    `generate` runs and evaluates it."""
     from mlx_lm.models import qwen2
     from mlx_lm.models.cache import make_prompt_cache
 
     from fastvlm_mlx.benchmark import arch_config
 
-    decoder = qwen2.Model(qwen2.ModelArgs.from_dict(arch_config("0.5b").text_config))
+    text_config = text_config or arch_config("0.5b").text_config
+    decoder = qwen2.Model(qwen2.ModelArgs.from_dict(text_config))
     decoder.set_dtype(dtype)
     mx.eval(decoder.parameters())
     embeddings = mx.random.normal((1, positions, decoder.args.hidden_size)).astype(dtype)
