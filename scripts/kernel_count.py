@@ -1,7 +1,7 @@
 """Count the GPU kernels of one FastViTHD forward and one decoder prefill step, per primitive.
 
     python scripts/kernel_count.py [--resolutions 256,1024] [--positions 272] [--dtype float16]
-                                   [--sdpa cuda|metal] [--json PATH]
+                                   [--sdpa cuda|metal] [--as-built] [--compile-tower] [--json PATH]
 
 On a GPU the vision tower is bound by the cost per kernel, not by arithmetic (BENCHMARKS.md), so
 the number of kernels one forward launches is the figure to watch. It is measured without
@@ -249,10 +249,14 @@ def main():
     p.add_argument("--as-built", action="store_true",
                    help="count the mx.fast ops as this backend builds them (on the CPU their "
                         "unfused fallbacks), not as the one kernel each is on a GPU")
+    p.add_argument("--compile-tower", action="store_true",
+                   help="count mx.compile(tower) instead of the tower as it runs")
     p.add_argument("--json", help="also write the counts here")
     args = p.parse_args()
     dtype = getattr(mx, args.dtype)
     tower = _random_tower(dtype)
+    if args.compile_tower:
+        tower = mx.compile(tower)
     columns = {}
     stand_ins = not args.as_built
     for size in (int(s) for s in args.resolutions.split(",")):
@@ -262,6 +266,8 @@ def main():
         args.positions, dtype, args.sdpa, stand_ins)
     fast_ops = ("mx.fast ops as built on this backend" if args.as_built
                 else f"mx.fast ops as GPU kernels, {args.sdpa} attention rule")
+    if args.compile_tower:
+        fast_ops += ", the tower under mx.compile"
     print(f"Kernels per forward, GPU formulation ({args.dtype}, {fast_ops}), "
           f"MLX {mx.__version__}, counted on {mx.default_device()}\n")
     print(_table(columns))
