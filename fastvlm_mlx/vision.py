@@ -14,7 +14,11 @@ Speed (see BENCHMARKS.md for the measurements behind each choice):
   grouped `conv2d` is a plain loop, so there it is computed as a sum of shifted, scaled copies;
   on a GPU it is `conv2d`'s depthwise kernel;
 - `FastViTHD.fuse()` (called at load) folds every layer scale into the linear before it and
-  every ConvFFN conv bias into the linear after it: two elementwise kernels less per block.
+  every ConvFFN conv bias into the linear after it: two elementwise kernels less per block;
+- off the CPU, where each kernel costs ~10 us whatever its size, the elementwise work between
+  convs and matmuls runs as a few compiled kernels (`_add_gelu`, `_add_twice`, ...): a conv's
+  bias and its GELU are one kernel, and a residual add rides in the matmul before it
+  (`mx.addmm`). scripts/kernel_count.py counts the kernels (BENCHMARKS.md).
 """
 
 import mlx.core as mx
@@ -60,6 +64,32 @@ def gelu(x: mx.array) -> mx.array:
     if _on_cpu():
         return _gelu_rational(x)
     return nn.gelu(x)
+
+
+# The GPU path's elementwise kernels. Each is one fused kernel: MLX fuses elementwise chains
+# inside `mx.compile` (compiled functions called in them, nn.gelu too, are traced inline), never
+# across a conv or a matmul. Every array they use is an argument, so new weights are read at each
+# call; traced once per shape. Called inside another compiled function they are inlined, and
+# its fusion may split them again (`mx.compile(tower)` counts more kernels: BENCHMARKS.md).
+@mx.compile
+def _add_gelu(x: mx.array, bias: mx.array) -> mx.array:
+    """A conv's bias and the GELU after it."""
+    return nn.gelu(x + bias)
+
+
+@mx.compile
+def _add_twice(x: mx.array, a: mx.array, b: mx.array):
+    """(x + a, x + a + b) in one kernel with two outputs: the first feeds the next conv, the
+    second is the residual base that `mx.addmm` adds to the branch's last matmul, so the
+    residual add costs no kernel of its own (b is that matmul's bias)."""
+    y = x + a
+    return y, y + b
+
+
+@mx.compile
+def _gated_gelu(x: mx.array, gate_logits: mx.array) -> mx.array:
+    """GELU(x * sigmoid(gate)): the squeeze-excite scale and the final conv's GELU."""
+    return nn.gelu(x * mx.sigmoid(gate_logits))
 
 
 def _shifted_sum_conv(x: mx.array, weight: mx.array, stride: int) -> mx.array:
@@ -115,6 +145,13 @@ class DepthwiseConv2d(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
+def _conv_without_bias(conv: nn.Module, x: mx.array) -> mx.array:
+    """A DepthwiseConv2d or nn.Conv2d without its bias add, which the caller fuses."""
+    if isinstance(conv, DepthwiseConv2d):
+        return depthwise_conv2d(x, conv.weight, conv.stride)
+    return mx.conv2d(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1):
     if kernel_size == 1 and stride == 1 and groups == 1:
         return nn.Linear(in_chs, out_chs)
@@ -138,6 +175,13 @@ class SqueezeExcite(nn.Module):
         s = self.fc2(nn.relu(self.fc1(s)))
         return x * mx.sigmoid(s)
 
+    def gate_logits(self, x: mx.array) -> mx.array:
+        """The gate before its sigmoid; the mean's 1/(H*W) rides in fc1's matmul (GPU path)."""
+        _, H, W, _ = x.shape
+        s = x.sum(axis=(1, 2), keepdims=True)
+        s = mx.addmm(self.fc1.bias, s, self.fc1.weight.T, alpha=1.0 / (H * W))
+        return self.fc2(nn.relu(s))
+
 
 class MobileOneBlock(nn.Module):
     """conv -> (squeeze-excite) -> GELU, the branches already fused into `reparam_conv`.
@@ -153,10 +197,22 @@ class MobileOneBlock(nn.Module):
             self.se = SqueezeExcite(out_chs, rd_chs)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.reparam_conv(x)
+        conv = self.reparam_conv
+        if not _on_cpu() and not isinstance(conv, nn.Linear) and "bias" in conv:
+            return self._conv_bias_gelu(x)
+        x = conv(x)
         if "se" in self:
             x = self.se(x)
         return gelu(x)
+
+    def _conv_bias_gelu(self, x: mx.array) -> mx.array:
+        """GPU path: the conv, then its bias, the squeeze-excite scale and GELU fused."""
+        x = _conv_without_bias(self.reparam_conv, x)
+        bias = self.reparam_conv.bias
+        if "se" in self:
+            x = x + bias
+            return _gated_gelu(x, self.se.gate_logits(x))
+        return _add_gelu(x, bias)
 
 
 class PatchEmbed(nn.Module):
@@ -211,7 +267,11 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(gelu(self.fc1(self.conv(x))))
+        return self.fc2(self.hidden(x))
+
+    def hidden(self, x: mx.array) -> mx.array:
+        """Everything before fc2, which the GPU path runs as an `mx.addmm` with the residual."""
+        return gelu(self.fc1(self.conv(x)))
 
     def fuse(self) -> None:
         """fc1(conv(x) + b) == fc1'(conv(x)) with fc1' bias += W1 b: one elementwise op less."""
@@ -257,8 +317,22 @@ class RepMixerBlock(nn.Module):
         self.layer_scale = LayerScale2d(dim)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if not _on_cpu():
+            return self._forward_gpu(x)
         x = self.token_mixer(x)
         return x + _scaled(self, "layer_scale", self.mlp(x))
+
+    def _forward_gpu(self, x: mx.array) -> mx.array:
+        """6 kernels (fused block): mixer conv, its bias (two outputs), ConvFFN conv, fc1, GELU,
+        fc2 with the residual as `mx.addmm`'s base."""
+        mixer = self.token_mixer.reparam_conv
+        x = depthwise_conv2d(x, mixer.weight, mixer.stride)
+        if "layer_scale" in self:  # not fused at load: the plain form
+            x = x + mixer.bias
+            return x + self.layer_scale(self.mlp(x))
+        fc2 = self.mlp.fc2
+        x, base = _add_twice(x, mixer.bias, fc2.bias)
+        return mx.addmm(base, self.mlp.hidden(x), fc2.weight.T)
 
     def fuse(self) -> None:
         _fold_layer_scale(self, "layer_scale", self.mlp.fc2)
@@ -297,8 +371,20 @@ class AttentionBlock(nn.Module):
         self.layer_scale_2 = LayerScale2d(dim)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if not _on_cpu():
+            return self._forward_gpu(x)
         x = x + _scaled(self, "layer_scale_1", self.token_mixer(self.norm(x)))
         return x + _scaled(self, "layer_scale_2", self.mlp(x))
+
+    def _forward_gpu(self, x: mx.array) -> mx.array:
+        """The first residual add and the second's base in one kernel; fc2 adds the base."""
+        y = self.token_mixer(self.norm(x))
+        if "layer_scale_1" in self or "layer_scale_2" in self:  # not fused at load: the plain form
+            x = x + _scaled(self, "layer_scale_1", y)
+            return x + _scaled(self, "layer_scale_2", self.mlp(x))
+        fc2 = self.mlp.fc2
+        x, base = _add_twice(x, y, fc2.bias)
+        return mx.addmm(base, self.mlp.hidden(x), fc2.weight.T)
 
     def fuse(self) -> None:
         _fold_layer_scale(self, "layer_scale_1", self.token_mixer.proj)
