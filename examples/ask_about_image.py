@@ -11,7 +11,7 @@ import argparse
 import sys
 
 import fastvlm_mlx
-from fastvlm_mlx.generate import ChatSession
+from fastvlm_mlx import ChatSession
 
 QUESTIONS = [
     "Describe the image in one sentence.",

@@ -1,48 +1,31 @@
 """FastVLM on MLX: `model, processor = load(path)`, then `generate` / `stream_generate`.
 
-Names are imported on first use, so that command-line tools start (and fail on bad input) fast.
-As in mlx-lm, `fastvlm_mlx.generate` is the function; `fastvlm_mlx.generate` the module is in
-`sys.modules` (`from fastvlm_mlx.generate import ChatSession` works).
+`fastvlm_mlx.generate` is the generate module (`import fastvlm_mlx.generate as g` gives it);
+calling it, `fastvlm_mlx.generate(model, processor, ...)`, calls its `generate` function, as
+mlx-lm's `mlx_lm.generate(...)` does. `fastvlm_mlx.convert` is the same.
 """
 
-import importlib
-import sys
-import types
+import warnings
 
-_EXPORTS = {
-    "load": "loader",
-    "Model": "model",
-    "generate": "generate",
-    "stream_generate": "generate",
-    "ChatSession": "generate",
-    "FeatureCache": "generate",
-    "GenerationResult": "generate",
-    "GenerationResponse": "generate",
-    "Timings": "generate",
-}
+# `python -m fastvlm_mlx.generate` (and .convert, .chat) runs a module that this package has
+# already imported eagerly; runpy then warns that the module "found in sys.modules ... may result
+# in unpredictable behaviour". Each tool's `__main__` block calls the package's copy of its
+# main(), so nothing is unpredictable; the warning would only be noise on every run.
+warnings.filterwarnings(
+    "ignore", category=RuntimeWarning,
+    message=r"'fastvlm_mlx\.\w+' found in sys\.modules after import of package 'fastvlm_mlx'",
+)
 
-__all__ = list(_EXPORTS)
+from . import convert, generate  # noqa: E402
+from .chat import ChatSession  # noqa: E402
+from .feature_cache import FeatureCache  # noqa: E402
+from .generate import GenerationOptions, GenerationResponse, GenerationResult, stream_generate  # noqa: E402
+from .loader import load  # noqa: E402
+from .model import Model  # noqa: E402
+from .timing import Timings  # noqa: E402
+
+__all__ = [
+    "load", "convert", "generate", "stream_generate", "ChatSession", "Model", "FeatureCache",
+    "Timings", "GenerationOptions", "GenerationResponse", "GenerationResult",
+]
 __version__ = "0.1.0"
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
-
-
-class _Package(types.ModuleType):
-    # Importing the submodule `generate` binds it on the package; keep the function there instead.
-    def __setattr__(self, name, value):
-        if name == "generate" and isinstance(value, types.ModuleType):
-            value = value.generate
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -328,6 +328,12 @@ def generation_defaults(path: Path) -> dict:
     return out
 
 
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(
+        isinstance(t, (int, np.integer)) for t in prompt
+    )
+
+
 @dataclass
 class Processor:
     """Tokenizer (mlx-lm's TokenizerWrapper) + image preprocessing + the prompt template."""
@@ -366,6 +372,61 @@ class Processor:
             eos_token_ids=list(config.eos_token_id),
             generation_defaults=generation_defaults(path),
         )
+
+    @property
+    def stop_token_ids(self) -> frozenset:
+        """Every id that ends an answer: the model's EOS ids (`<|im_end|>`, `<|endoftext|>`)
+        merged with the tokenizer's own."""
+        own = getattr(self.tokenizer, "eos_token_ids", None) or []
+        return frozenset(self.eos_token_ids) | frozenset(own)
+
+    @property
+    def im_end_id(self) -> Optional[int]:
+        ids = self.tokenizer.encode("<|im_end|>", add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+    def prompt_ids(
+        self,
+        prompt,
+        n_images: int,
+        size: Optional[int] = None,
+        system: Optional[str] = DEFAULT_SYSTEM,
+    ) -> List[int]:
+        """A conversation's first turn -> ids with the image slots. PROMPT is the user's text
+        (default DEFAULT_PROMPT), a list of chat messages, or ids already holding the slots
+        (mlx-lm style), which are checked and passed through."""
+        if isinstance(prompt, mx.array):
+            prompt = prompt.tolist()
+        if _is_ids(prompt):
+            ids = [int(t) for t in prompt]
+            slots = sum(t == self.image_token_id for t in ids)
+            want = n_images * self.tokens_per_image(size)
+            if slots != want:
+                raise InputError(f"the prompt ids hold {slots} image slots; {n_images} image(s) need {want}")
+            return ids
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            prompt = DEFAULT_PROMPT
+        return self.encode(format_prompt(prompt, n_images, system), size)
+
+    def follow_up_ids(self, prompt, history: Sequence[int], size: Optional[int] = None) -> List[int]:
+        """A later turn of the conversation HISTORY (the ids already in its KV cache): the user's
+        text in the template, the previous answer closed first unless it ended on <|im_end|>;
+        or ids to append as they are (a continuation after a rewind). No images."""
+        if isinstance(prompt, mx.array):
+            prompt = prompt.tolist()
+        if _is_ids(prompt):
+            if self.image_token_id in prompt:
+                raise InputError("follow-up turns cannot add images")
+            return [int(t) for t in prompt]
+        if not isinstance(prompt, str):
+            raise InputError("a follow-up turn takes the user's text or token ids")
+        if IMAGE_MARKER in prompt:
+            raise InputError("follow-up turns cannot add images")
+        closed = bool(history) and history[-1] == self.im_end_id
+        text = ("" if closed else "<|im_end|>") + (
+            f"\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        )
+        return self.encode(text, size)
 
     def tokens_per_image(self, size: Optional[int] = None) -> int:
         return ((size or self.image_size) // self.stride) ** 2

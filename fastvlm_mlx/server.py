@@ -16,31 +16,31 @@ import argparse
 import asyncio
 import base64
 import binascii
-import collections
 import hmac
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import socket
 import sys
-import threading
 import time
 import urllib.parse
 import uuid
-import warnings
 from dataclasses import dataclass, replace
 from typing import Dict, List, Literal, Optional, Tuple, Union
 
-from .generate import (
-    DEFAULT_MODEL,
-    ChatSession,
-    GenerationOptions,
-    InputError,
-    feature_cache_for,
+from . import _cli
+from .engine import (
+    EngineBusy,
+    EngineError,
+    EngineSettings,
+    EngineStopped,
+    GenerationFailed,
+    Job,
+    Engine,
 )
+from .generate import ContextLengthError, InputError
 from .processing import (
     DEFAULT_SYSTEM,
     IMAGE_MARKER,
@@ -59,10 +59,12 @@ FINGERPRINT = "fastvlm-mlx-0.1.0"
 
 
 @dataclass
-class ServerSettings:
-    """Every limit and default of the server; the CLI flags have the same names."""
+class ServerSettings(EngineSettings):
+    """Every limit and default of the server: the model worker's (EngineSettings: resolution,
+    queue and prompt-cache sizes, mlx-lm's KV-cache options) and HTTP's. The CLI flags have
+    the same names."""
 
-    model_id: str = DEFAULT_MODEL  # what /v1/models and every response call the model
+    model_id: str = _cli.DEFAULT_MODEL  # what /v1/models and every response call the model
     api_key: Optional[str] = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     allow_local_files: bool = False  # image_url may be a local path or file:// URL
     max_tokens: int = 512  # when the request gives none (mlx-lm's server default)
@@ -70,22 +72,17 @@ class ServerSettings:
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     system: Optional[str] = DEFAULT_SYSTEM  # used when the request has no system message
-    resolution: Optional[int] = None  # default: the model's trained size
     max_pixels: Optional[int] = None  # decoded pixels per image (default FASTVLM_MAX_PIXELS, 100M)
     max_url_bytes: Optional[int] = None  # per image URL (default FASTVLM_MAX_URL_BYTES, 50 MiB)
     url_timeout: Optional[float] = None  # per image URL (default FASTVLM_URL_TIMEOUT, 15 s)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_images: int = 16  # per request
     queue_timeout: float = 120.0  # seconds a request may wait for the model before a 503
-    max_queue: int = 32  # requests waiting beyond this get a 503 at once
-    prompt_cache_size: int = 8  # conversations whose KV cache is kept for reuse
-    prompt_cache_bytes: Optional[int] = 2**30  # and at most this many bytes of KV cache in all
-    # mlx-lm's KV-cache options, passed through
-    max_kv_size: Optional[int] = None
-    prefill_step_size: int = 2048
-    kv_bits: Optional[int] = None
-    kv_group_size: int = 64
-    quantized_kv_start: int = 5000
+
+    def engine_settings(self) -> EngineSettings:
+        """The model worker's share of these settings, as a settings object of its own."""
+        names = EngineSettings.__dataclass_fields__
+        return EngineSettings(**{k: v for k, v in vars(self).items() if k in names})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +110,21 @@ class APIError(Exception):
         from fastapi.responses import JSONResponse
 
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    @classmethod
+    def of(cls, e: Exception) -> "APIError":
+        """The engine's and the pipeline's errors as OpenAI errors."""
+        if isinstance(e, APIError):
+            return e
+        if isinstance(e, EngineBusy):
+            return cls(503, str(e), code="server_busy", headers={"Retry-After": "1"})
+        if isinstance(e, EngineStopped):
+            return cls(503, str(e), code="unavailable")
+        if isinstance(e, ContextLengthError):
+            return cls(400, str(e), param="messages", code="context_length_exceeded")
+        if isinstance(e, InputError):
+            return cls(400, str(e))
+        return cls(500, str(e) if isinstance(e, GenerationFailed) else f"internal error: {type(e).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,360 +305,6 @@ def load_images(refs, settings: ServerSettings):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stop sequences
-
-
-class StopText:
-    """Streams text while holding back any tail that may begin a stop sequence; cuts the text at
-    the first stop sequence."""
-
-    def __init__(self, stops: List[str]):
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0
-
-    def add(self, segment: str) -> Tuple[str, bool]:
-        """New text -> (text safe to send now, whether a stop sequence was hit)."""
-        self.text += segment
-        if not self.stops:
-            return self.flush(), False
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return self.flush(), True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text) - self.sent), hold, -1):
-                if self.text.endswith(s[:k]):
-                    hold = k
-                    break
-        out = self.text[self.sent : len(self.text) - hold]
-        self.sent += len(out)
-        return out, False
-
-    def flush(self) -> str:
-        out = self.text[self.sent :]
-        self.sent = len(self.text)
-        return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The model worker: one thread, one request at a time
-
-
-class Job:
-    """One request's work for the worker, and the channel back to its handler (an asyncio
-    queue fed from the worker thread)."""
-
-    def __init__(self, loop, prompt_text, images, digests, load_ms, sampling, max_tokens, stops,
-                 logprobs, top_logprobs):
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.started = asyncio.Event()
-        self.cancelled = threading.Event()
-        self.state = "queued"  # -> running | abandoned; guarded by the engine's lock
-        self.prompt_text, self.images, self.digests, self.load_ms = prompt_text, images, digests, load_ms
-        self.sampling, self.max_tokens, self.stops = sampling, max_tokens, stops
-        self.logprobs, self.top_logprobs = logprobs, top_logprobs
-        self.submitted = time.perf_counter()
-        self.queue_ms = 0.0
-
-    def _call(self, fn, *args):
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled.set()
-
-    def post(self, kind: str, **data) -> None:
-        self._call(self.events.put_nowait, (kind, data))
-
-    def start(self) -> None:
-        self._call(self.started.set)
-
-
-def common_prefix(a: List[int], b: List[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-class SessionCache:
-    """The conversations kept for reuse: ChatSessions keyed by (image digests, resolution). A
-    request takes the one sharing the longest token prefix with it (image slots included, so the
-    key's digests say whose pixels those slots hold) and puts it back when done."""
-
-    def __init__(self, max_items: int, max_bytes: Optional[int] = None):
-        self.max_items, self.max_bytes = max_items, max_bytes
-        self.items: List[Tuple[tuple, ChatSession]] = []
-
-    def take(self, key: tuple, ids: List[int]) -> Tuple[Optional[ChatSession], int]:
-        best, best_n = None, 0
-        for i, (k, session) in enumerate(self.items):
-            if k != key:
-                continue
-            # At least the last prompt token must run, for the first token's logits.
-            n = min(common_prefix(session.token_ids, ids), len(ids) - 1)
-            if n > best_n and session.can_rewind(n):
-                best, best_n = i, n
-        if best is None:
-            return None, 0
-        return self.items.pop(best)[1], best_n
-
-    @staticmethod
-    def nbytes(session: ChatSession) -> int:
-        return sum(getattr(c, "nbytes", 0) for c in session.prompt_cache or [])
-
-    def put(self, key: tuple, session: ChatSession) -> None:
-        self.items.append((key, session))
-        # Evict the least recently used beyond either limit (the newest too, if it alone is over).
-        while self.items and (
-            len(self.items) > self.max_items
-            or self.max_bytes is not None and sum(self.nbytes(s) for _, s in self.items) > self.max_bytes
-        ):
-            self.items.pop(0)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-def _finite(x: float) -> float:
-    return float(x) if math.isfinite(x) else -9999.0  # OpenAI's value for "impossible"
-
-
-class Engine:
-    """Owns the model. `submit` queues a Job; the worker thread runs jobs one at a time."""
-
-    def __init__(self, model, processor, settings: ServerSettings):
-        self.model, self.processor, self.settings = model, processor, settings
-        self.resolution = check_resolution(
-            int(settings.resolution or processor.image_size), processor.stride
-        )
-        if self.resolution != processor.image_size:  # said once here, not per conversation
-            warnings.warn(
-                f"resolution {self.resolution} differs from the model's trained "
-                f"{processor.image_size}: {processor.tokens_per_image(self.resolution)} image "
-                "tokens per image, and quality may change", stacklevel=2,
-            )
-        self.cache_options = dict(
-            max_kv_size=settings.max_kv_size, prefill_step_size=settings.prefill_step_size,
-            kv_bits=settings.kv_bits, kv_group_size=settings.kv_group_size,
-            quantized_kv_start=settings.quantized_kv_start,
-        )
-        GenerationOptions.from_kwargs(self.cache_options)  # a bad combination fails at start
-        self.context_length = int(
-            getattr(model.language_model.args, "max_position_embeddings", 0) or 0
-        )
-        self.feature_cache = feature_cache_for(model)
-        self.sessions = SessionCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
-        self._cond = threading.Condition()
-        self._queue: "collections.deque[Job]" = collections.deque()
-        self.running: Optional[Job] = None
-        self.stats = collections.Counter(served=0, cancelled=0, failed=0, timed_out=0)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="fastvlm-model", daemon=True)
-
-    # -- the handlers' side ----------------------------------------------------------------------
-
-    def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            for job in list(self._queue) + ([self.running] if self.running else []):
-                job.cancelled.set()
-            self._queue.clear()
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if not self.alive:
-                raise APIError(503, "the model worker is not running", code="unavailable")
-            if len(self._queue) >= self.settings.max_queue:
-                raise APIError(503, f"the server is busy: {len(self._queue)} requests are waiting "
-                               "for the model; retry later", code="server_busy",
-                               headers={"Retry-After": "1"})
-            self._queue.append(job)
-            self._cond.notify()
-
-    def abandon(self, job: Job, why: str = "timed_out") -> bool:
-        """Take a job out of the queue if it has not started; False if it has."""
-        with self._cond:
-            if job.state != "queued":
-                return False
-            job.state = "abandoned"
-            job.cancelled.set()
-            if job in self._queue:
-                self._queue.remove(job)
-            self.stats[why] += 1
-            return True
-
-    def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job if queued, or stop it at its next token."""
-        if not self.abandon(job, "cancelled"):
-            job.cancelled.set()
-
-    # -- the worker's side -----------------------------------------------------------------------
-
-    def _next(self) -> Optional[Job]:
-        with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return None
-            job = self._queue.popleft()
-            job.state = "running"
-            self.running = job
-            return job
-
-    def _run(self) -> None:
-        while True:
-            job = self._next()
-            if job is None:
-                return
-            if job.cancelled.is_set():  # its client left while it waited
-                self.stats["cancelled"] += 1
-                with self._cond:
-                    self.running = None
-                job.post("final", finish_reason=None, usage=None, timings=None)
-                continue
-            job.queue_ms = (time.perf_counter() - job.submitted) * 1e3
-            job.start()
-            try:
-                self._serve(job)
-            except APIError as e:
-                self.stats["failed"] += 1
-                job.post("error", error=e)
-            except InputError as e:
-                self.stats["failed"] += 1
-                job.post("error", error=APIError(400, str(e)))
-            except Exception as e:  # keep serving; the request gets a 500
-                self.stats["failed"] += 1
-                log.exception("generation failed")
-                job.post("error", error=APIError(500, f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                with self._cond:
-                    self.running = None
-
-    def _logprob_entry(self, r, top_n: int) -> dict:
-        import mlx.core as mx
-
-        decode = self.processor.tokenizer.decode
-
-        def entry(token, logprob):
-            text = decode([token])
-            return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
-
-        out = entry(r.token, r.logprob)
-        out["top_logprobs"] = []
-        if top_n and r.logprobs is not None:
-            v = r.logprobs.astype(mx.float32)
-            top = mx.argpartition(-v, kth=top_n - 1)[:top_n].tolist()
-            values = v[mx.array(top)].tolist()
-            pairs = sorted(zip(top, values), key=lambda p: -p[1])
-            out["top_logprobs"] = [entry(t, lp) for t, lp in pairs]
-        return out
-
-    def _serve(self, job: Job) -> None:
-        processor = self.processor
-        t0 = time.perf_counter()
-        ids = processor.encode(job.prompt_text, self.resolution)
-        image_tokens = sum(t == processor.image_token_id for t in ids)
-        max_tokens = job.max_tokens
-        if self.context_length:
-            room = self.context_length - len(ids)
-            if room < 1:
-                raise APIError(
-                    400, f"the prompt is {len(ids)} tokens ({image_tokens} of them image tokens); "
-                    f"this model's context is {self.context_length} tokens",
-                    param="messages", code="context_length_exceeded",
-                )
-            max_tokens = min(max_tokens, room)  # generation stops at the end of the context
-        tokenize_ms = (time.perf_counter() - t0) * 1e3
-
-        key = (tuple(job.digests), self.resolution)
-        session, cached = self.sessions.take(key, ids)
-        if session is None:
-            with warnings.catch_warnings():  # the resolution warning was given at start
-                warnings.simplefilter("ignore", UserWarning)
-                session = ChatSession(self.model, processor, job.images, system=None,
-                                      resolution=self.resolution, feature_cache=self.feature_cache,
-                                      **self.cache_options)
-            prompt = ids
-        else:
-            session.rewind(cached)
-            prompt = ids[cached:]
-
-        stop = StopText(job.stops)
-        finish, timings, n_tokens = None, None, 0
-        keep = False
-        steps = session.stream(prompt, max_tokens=max_tokens, **job.sampling)
-        try:
-            for r in steps:
-                if timings is None:
-                    timings = r.timings
-                    # The template's tokenization is part of preprocessing, so part of TTFT.
-                    timings.preprocess_ms += tokenize_ms
-                    timings.finish_ttft()
-                    timings.load_ms, timings.queue_ms = job.load_ms, job.queue_ms
-                    if cached and job.images:  # the images' rows came from the KV cache
-                        timings.feature_cache_hit = True
-                eos = r.finish_reason == "stop"  # the EOS token is not part of the completion
-                n_tokens += not eos
-                text, hit = stop.add(r.text)
-                if hit:
-                    finish = "stop"
-                elif r.finish_reason:
-                    finish = r.finish_reason
-                    text += stop.flush()
-                lps = [self._logprob_entry(r, job.top_logprobs)] if job.logprobs and not eos else []
-                if text or lps:
-                    job.post("delta", text=text, logprobs=lps)
-                if finish or job.cancelled.is_set():
-                    break
-            keep = True
-        finally:
-            steps.close()  # the session's history and KV cache now agree
-            session.images = []  # their rows are in the KV cache; free the pixels
-            if keep:
-                self.sessions.put(key, session)
-
-        if finish is None:
-            self.stats["cancelled"] += 1
-            log.info("request cancelled after %d tokens (client gone)", n_tokens)
-            job.post("final", finish_reason=None, usage=None, timings=None)
-            return
-        self.stats["served"] += 1
-        usage = {
-            "prompt_tokens": len(ids),
-            "completion_tokens": n_tokens,
-            "total_tokens": len(ids) + n_tokens,
-            "image_tokens": image_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached, "image_tokens": image_tokens},
-        }
-        t = timings
-        log.info(
-            "%d prompt tokens (%d image, %d cached) -> %d tokens (%s); TTFT %.1f ms, %.1f tokens/s, "
-            "queue %.1f ms", len(ids), image_tokens, cached, n_tokens, finish, t.ttft_ms,
-            t.decode_tps, t.queue_ms,
-        )
-        job.post("final", finish_reason=finish, usage=usage, timings=t.to_dict())
-
-
-# ----------------------------------------------------------------------------------------------
 # The HTTP side
 
 
@@ -713,7 +371,7 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     settings = replace(settings or ServerSettings(), **overrides)
-    engine = Engine(model, processor, settings)
+    engine = Engine(model, processor, settings.engine_settings())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -746,6 +404,15 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
     async def server_error(request, exc):
         log.exception("unhandled error")
         return APIError(500, f"internal error: {type(exc).__name__}").response()
+
+    def token_entry(token: int, logprob: float) -> dict:
+        text = processor.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def logprob_entry(entry) -> dict:
+        """The engine's (token, logprob, top pairs) as OpenAI's logprobs content entry."""
+        token, logprob, top = entry
+        return {**token_entry(token, logprob), "top_logprobs": [token_entry(t, lp) for t, lp in top]}
 
     def model_card() -> dict:
         return {"id": settings.model_id, "object": "model", "created": int(time.time()),
@@ -819,7 +486,10 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
             await _until_disconnect(request)
             engine.cancel(job)
 
-        engine.submit(job)
+        try:
+            engine.submit(job)
+        except EngineError as e:
+            raise APIError.of(e) from None
         watcher = asyncio.create_task(watch())
         try:
             # Wait for the model, at most queue_timeout, or until the client leaves.
@@ -836,13 +506,13 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
             # The first event (a token, or an error before any) decides the status code.
             first = await job.events.get()
             if first[0] == "error":
-                raise first[1]["error"]
+                raise APIError.of(first[1]["error"])
             if not req.stream:
                 events = [first]
                 while events[-1][0] == "delta":
                     events.append(await job.events.get())
                 if events[-1][0] == "error":
-                    raise events[-1][1]["error"]
+                    raise APIError.of(events[-1][1]["error"])
         except BaseException:
             engine.cancel(job)
             raise
@@ -862,7 +532,7 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
                       "message": {"role": "assistant", "content": "".join(d["text"] for d in deltas)},
                       "logprobs": None, "finish_reason": final["finish_reason"]}
             if job.logprobs:
-                choice["logprobs"] = {"content": [e for d in deltas for e in d["logprobs"]]}
+                choice["logprobs"] = {"content": [logprob_entry(e) for d in deltas for e in d["logprobs"]]}
             return {**head, "object": "chat.completion", "choices": [choice],
                     "usage": final["usage"], "timings": final["timings"]}
 
@@ -884,9 +554,10 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
                 while True:
                     kind, data = event
                     if kind == "delta":
-                        yield chunk({"content": data["text"]}, logprobs=data["logprobs"])
+                        yield chunk({"content": data["text"]},
+                                    logprobs=[logprob_entry(e) for e in data["logprobs"]])
                     elif kind == "error":
-                        yield _sse(data["error"].body())
+                        yield _sse(APIError.of(data["error"]).body())
                         break
                     else:
                         if data["finish_reason"] is None:
@@ -915,25 +586,6 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
 # The CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _positive(cast):
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-        return value
-
-    return parse
-
-
 def _port(text):
     try:
         value = int(text)
@@ -945,55 +597,46 @@ def _port(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The server's flags; each flag's dest is the ServerSettings field of the same name."""
     d = ServerSettings()
-    p = _Parser(prog="fastvlm-server",
-                description="An OpenAI-compatible chat-completions server for FastVLM.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"converted directory, unconverted checkpoint or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 = any free port)")
+    positive = _cli.positive
+    p = _cli.ArgumentParser(prog="fastvlm-server",
+                            description="An OpenAI-compatible chat-completions server for FastVLM.")
+    _cli.add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=_port, default=8080, help="port (0 = any free port)")
     p.add_argument("--api-key", default=os.environ.get("FASTVLM_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1/* (default $FASTVLM_API_KEY)")
     p.add_argument("--allow-local-files", action="store_true",
                    help="let image_url be a local path or file:// URL")
-    p.add_argument("--served-model-name", default=None, help="the model's id in the API (default: --model)")
-    p.add_argument("--max-tokens", "-m", type=_positive(int), default=d.max_tokens,
-                   help=f"when the request gives none (default {d.max_tokens})")
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=d.temperature,
+    p.add_argument("--served-model-name", dest="model_id", default=None,
+                   help="the model's id in the API (default: --model)")
+    p.add_argument("--max-tokens", "-m", type=positive(int), default=d.max_tokens,
+                   help="when the request gives none")
+    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=d.temperature,
                    help="when the request gives none; 0 is greedy (default: the model's "
                    "generation_config.json, else 0)")
-    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-p", type=float, default=d.top_p, help="when the request gives none")
     p.add_argument("--system", default=d.system, help="system message when the request has none")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="image resolution (a multiple of 64); default: the model's trained size")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="cast the weights after loading (default: as converted, or float32 when "
-                   "MLX runs on the CPU)")
-    p.add_argument("--max-pixels", type=_positive(int), default=None,
-                   help="refuse images with more pixels (default 100M, or FASTVLM_MAX_PIXELS)")
-    p.add_argument("--max-url-bytes", type=_positive(int), default=None,
-                   help="refuse image URLs with larger bodies (default 50 MiB, or FASTVLM_MAX_URL_BYTES)")
-    p.add_argument("--url-timeout", type=_positive(float), default=None,
-                   help="seconds per image URL (default 15, or FASTVLM_URL_TIMEOUT)")
-    p.add_argument("--max-body-bytes", type=_positive(int), default=d.max_body_bytes,
-                   help=f"refuse larger request bodies with 413 (default {d.max_body_bytes})")
-    p.add_argument("--max-images", type=_positive(int), default=d.max_images,
-                   help=f"images per request (default {d.max_images})")
-    p.add_argument("--queue-timeout", type=_positive(float), default=d.queue_timeout,
-                   help="seconds a request may wait for the model before a 503 "
-                   f"(default {d.queue_timeout:g})")
-    p.add_argument("--max-queue", type=_positive(int), default=d.max_queue,
-                   help=f"waiting requests beyond this get a 503 at once (default {d.max_queue})")
+    _cli.add_resolution_arg(p)
+    _cli.add_dtype_arg(p)
+    _cli.add_max_pixels_arg(p)
+    p.add_argument("--max-url-bytes", type=positive(int), default=None,
+                   help="refuse image URLs with larger bodies (default 50 MiB, or $FASTVLM_MAX_URL_BYTES)")
+    p.add_argument("--url-timeout", type=positive(float), default=None,
+                   help="seconds per image URL (default 15, or $FASTVLM_URL_TIMEOUT)")
+    p.add_argument("--max-body-bytes", type=positive(int), default=d.max_body_bytes,
+                   help="refuse larger request bodies with 413")
+    p.add_argument("--max-images", type=positive(int), default=d.max_images, help="images per request")
+    p.add_argument("--queue-timeout", type=positive(float), default=d.queue_timeout,
+                   help="seconds a request may wait for the model before a 503")
+    p.add_argument("--max-queue", type=positive(int), default=d.max_queue,
+                   help="waiting requests beyond this get a 503 at once")
     p.add_argument("--prompt-cache-size", type=int, default=d.prompt_cache_size,
-                   help="conversations whose KV cache is kept for reuse "
-                   f"(default {d.prompt_cache_size}; 0: none)")
-    p.add_argument("--prompt-cache-bytes", type=_positive(int), default=d.prompt_cache_bytes,
-                   help=f"bytes of KV cache kept in all (default {d.prompt_cache_bytes})")
-    p.add_argument("--max-kv-size", type=_positive(int), default=None)
-    p.add_argument("--prefill-step-size", type=_positive(int), default=d.prefill_step_size)
-    p.add_argument("--kv-bits", type=int, default=None)
-    p.add_argument("--kv-group-size", type=int, default=d.kv_group_size)
-    p.add_argument("--quantized-kv-start", type=int, default=d.quantized_kv_start)
+                   help="conversations whose KV cache is kept for reuse (0: none)")
+    p.add_argument("--prompt-cache-bytes", type=positive(int), default=d.prompt_cache_bytes,
+                   help="bytes of KV cache kept in all")
+    _cli.add_kv_args(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -1020,33 +663,34 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def settings_from_args(args) -> ServerSettings:
+    """ServerSettings from the parsed flags, which carry the fields' names."""
+    given = {k: v for k, v in vars(args).items() if k in ServerSettings.__dataclass_fields__}
+    given["model_id"] = args.model_id or args.model
+    given["api_key"] = args.api_key or None
+    return ServerSettings(**given)
+
+
+def check_args(args) -> None:
+    if args.temperature is not None and args.temperature < 0:
+        raise InputError(f"--temp must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.prompt_cache_size < 0:
+        raise InputError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
+    if args.resolution is not None:
+        check_resolution(args.resolution)
+
+
 def run_server(args) -> int:
     import uvicorn
 
-    # transformers (behind mlx-lm's tokenizer loader) warns about our config's model type.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if args.resolution is not None:
-        check_resolution(args.resolution)
+    check_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
-
-    import fastvlm_mlx
-
-    from .loader import runtime_dtype
-
-    model, processor = fastvlm_mlx.load(args.model, dtype=runtime_dtype(args.dtype))
-    settings = ServerSettings(
-        model_id=args.served_model_name or args.model, api_key=args.api_key or None,
-        allow_local_files=args.allow_local_files, max_tokens=args.max_tokens,
-        temperature=args.temp, top_p=args.top_p, system=args.system, resolution=args.resolution,
-        max_pixels=args.max_pixels, max_url_bytes=args.max_url_bytes, url_timeout=args.url_timeout,
-        max_body_bytes=args.max_body_bytes, max_images=args.max_images,
-        queue_timeout=args.queue_timeout, max_queue=args.max_queue,
-        prompt_cache_size=args.prompt_cache_size, prompt_cache_bytes=args.prompt_cache_bytes,
-        max_kv_size=args.max_kv_size,
-        prefill_step_size=args.prefill_step_size, kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start,
-    )
+    model, processor = _cli.load_model(args)
+    settings = settings_from_args(args)
     app = create_app(model, processor, settings)
     shown = f"[{host}]" if ":" in host else host
     if not _is_loopback(host) and not settings.api_key:
@@ -1063,32 +707,7 @@ def run_server(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.temp is not None and args.temp < 0:
-        parser.error(f"--temp must be >= 0, got {args.temp}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.prompt_cache_size < 0:
-        parser.error(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    warnings.showwarning = show
-    try:
-        return run_server(args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:  # InputError, ModelLoadError, ConvertError, a taken port
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        return 1
-    except Exception as e:  # never a traceback for the user
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return 1
+main = _cli.main_of(build_parser, run_server)
 
 
 if __name__ == "__main__":

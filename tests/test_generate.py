@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastvlm_mlx.generate import ChatSession, FeatureCache, generate, stream_generate
+from fastvlm_mlx import ChatSession, FeatureCache
+from fastvlm_mlx.generate import generate, stream_generate
 from fastvlm_mlx.processing import DEFAULT_SYSTEM, format_prompt, preprocess_image
 import reference as ref
 from reference import CountingTower, closed_port

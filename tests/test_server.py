@@ -234,7 +234,7 @@ def test_stop_sequences_cut_the_text(live, images, expected):
 
 
 def test_stop_text_holds_back_what_may_begin_a_stop_sequence():
-    from fastvlm_mlx.server import StopText
+    from fastvlm_mlx.engine import StopText
 
     st = StopText(["o w", "xyz"])
     assert st.add("He") == ("He", False)
@@ -454,12 +454,12 @@ def test_busy_model_gives_503_and_a_disconnect_frees_it(live, tiny_loaded):
             finally:
                 live.settings.queue_timeout = 30
             # A full queue refuses at once.
-            live.settings.max_queue = 0
+            live.engine.settings.max_queue = 0  # the model worker's own limit
             try:
                 r = live.post({"messages": [user("hi")], "max_tokens": 2})
                 assert r.status_code == 503
             finally:
-                live.settings.max_queue = 32
+                live.engine.settings.max_queue = 32
             assert live.engine.running is not None, "the long stream stopped by itself"
         # The stream is closed mid-generation: the model is freed at once, not after ~4000 tokens.
     assert live.idle(within=3), "the model kept generating for a client that left"

@@ -1,0 +1,141 @@
+"""The one policy of every command-line tool (generate, chat, server, convert, benchmark, verify).
+
+- Usage errors: one `error: ...` line and exit 2 (no argparse usage block); `--help` shows every
+  default.
+- Any other failure: one `error: ...` line on stderr and exit 1 (never a traceback); Ctrl+C is
+  130; a closed stdout ends quietly with 1.
+- Warnings print as one `warning: ...` line.
+- The flags several tools share (model, dtype, resolution, max pixels, mlx-lm's KV-cache flags)
+  are defined here once.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Callable, Optional, Sequence
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_MODEL = "apple/FastVLM-0.5B"
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the defaults in --help and usage errors in one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print_error(f"{message} (see --help)")
+        sys.exit(EXIT_USAGE)
+
+
+def print_error(message) -> None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a tool's body under the policy above; returns its exit code."""
+    warnings.showwarning = _show_warning
+    # transformers (behind mlx-lm's tokenizer loader) warns about our config's model type.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`); silence the flush at exit as well.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+    except (ValueError, OSError) as e:  # InputError, ModelLoadError, ConvertError, I/O errors
+        print_error(e)
+        return EXIT_ERROR
+    except Exception as e:  # never a traceback for the user
+        print_error(f"{type(e).__name__}: {e}")
+        return EXIT_ERROR
+
+
+def positive(cast: Callable):
+    """An argparse type: a number > 0."""
+
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    parse.__name__ = cast.__name__
+    return parse
+
+
+# -- the shared flags ------------------------------------------------------------------------------
+
+
+def add_model_arg(p: argparse.ArgumentParser, default: Optional[str] = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default,
+                   help="a converted directory, an unconverted checkpoint directory or a hub id "
+                   "(converted once into the cache)")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="cast the weights after loading (default: as converted, or float32 when "
+                   "MLX runs on the CPU, whose half-precision matmul is slow)")
+
+
+def add_resolution_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image resolution, a multiple of 64 (default: the model's trained size)")
+
+
+def add_max_pixels_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-pixels", type=positive(int), default=None,
+                   help="refuse images with more pixels (default 100M, or $FASTVLM_MAX_PIXELS)")
+
+
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    """mlx-lm's KV-cache flags, passed straight through."""
+    g = p.add_argument_group("KV cache (mlx-lm's flags)")
+    g.add_argument("--max-kv-size", type=positive(int), default=None,
+                   help="a rotating KV cache of this many tokens")
+    g.add_argument("--prefill-step-size", type=positive(int), default=2048,
+                   help="prompt positions prefilled per step")
+    g.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to these bits")
+    g.add_argument("--kv-group-size", type=int, default=64, help="group size of KV quantization")
+    g.add_argument("--quantized-kv-start", type=int, default=5000,
+                   help="quantize the KV cache once it holds this many tokens")
+
+
+def kv_options(args: argparse.Namespace) -> dict:
+    return dict(max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size,
+                kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                quantized_kv_start=args.quantized_kv_start)
+
+
+def load_model(args: argparse.Namespace):
+    """`load(--model)` in the --dtype the CLIs run in (see loader.runtime_dtype)."""
+    import fastvlm_mlx
+
+    from .loader import runtime_dtype
+
+    return fastvlm_mlx.load(args.model, dtype=runtime_dtype(args.dtype))
+
+
+def main_of(build_parser: Callable[[], argparse.ArgumentParser], body: Callable) -> Callable:
+    """A console-script entry point: parse ARGV with BUILD_PARSER, run BODY under the policy."""
+
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        return run(body, build_parser().parse_args(argv))
+
+    return main

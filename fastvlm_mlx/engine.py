@@ -1,0 +1,367 @@
+"""The server's model worker, apart from HTTP: jobs, a bounded queue, the kept conversations
+(prompt caches) and stop strings. One thread owns the model and runs one job at a time.
+
+It knows nothing of HTTP: it takes explicit settings, reports failures as the domain errors
+below (and the pipeline's InputError / ContextLengthError), and hands each job's results back
+as events (`delta`, `final`, `error`) on the job's own asyncio queue. server.py maps them to
+OpenAI's responses and status codes.
+"""
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from .chat import ChatSession
+from .feature_cache import default_feature_cache
+from .generate import GenerationOptions, resolve_resolution
+from .processing import InputError
+from .timing import ms_since
+
+log = logging.getLogger("fastvlm_mlx.engine")
+
+
+class EngineError(Exception):
+    """A job the engine could not run; the message says why in one line."""
+
+
+class EngineBusy(EngineError):
+    """The queue is full, or the job waited longer than it may."""
+
+
+class EngineStopped(EngineError):
+    """The worker is not running (shutting down, or never started)."""
+
+
+class GenerationFailed(EngineError):
+    """Generation raised something unexpected; the worker itself goes on serving."""
+
+
+@dataclass
+class EngineSettings:
+    resolution: Optional[int] = None  # default: the model's trained size
+    max_queue: int = 32  # jobs waiting beyond this are refused at once (EngineBusy)
+    prompt_cache_size: int = 8  # conversations whose KV cache is kept for reuse
+    prompt_cache_bytes: Optional[int] = 2**30  # and at most this many bytes of KV cache in all
+    # mlx-lm's KV-cache options, passed through
+    max_kv_size: Optional[int] = None
+    prefill_step_size: int = 2048
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
+
+    def cache_options(self) -> dict:
+        return dict(max_kv_size=self.max_kv_size, prefill_step_size=self.prefill_step_size,
+                    kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
+                    quantized_kv_start=self.quantized_kv_start)
+
+
+class StopText:
+    """Streams text while holding back any tail that may begin a stop sequence; cuts the text at
+    the first stop sequence."""
+
+    def __init__(self, stops: List[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+
+    def add(self, segment: str) -> Tuple[str, bool]:
+        """New text -> (text safe to send now, whether a stop sequence was hit)."""
+        self.text += segment
+        if not self.stops:
+            return self.flush(), False
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self.flush(), True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text) - self.sent), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        out = self.text[self.sent : len(self.text) - hold]
+        self.sent += len(out)
+        return out, False
+
+    def flush(self) -> str:
+        out = self.text[self.sent :]
+        self.sent = len(self.text)
+        return out
+
+
+class Job:
+    """One request's work for the worker, and the channel back to its handler (an asyncio
+    queue fed from the worker thread).
+
+    prompt_text: the templated conversation (with `<image>` markers); images: decoded images
+    and their digests; load_ms: the time spent decoding them; sampling: stream_generate's
+    sampling options; logprobs, top_logprobs: what to report per token.
+    """
+
+    def __init__(self, loop, prompt_text: str, images: Sequence, digests: Sequence[str],
+                 load_ms: float, sampling: dict, max_tokens: int, stops: List[str],
+                 logprobs: bool = False, top_logprobs: int = 0):
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.started = asyncio.Event()
+        self.cancelled = threading.Event()
+        self.state = "queued"  # -> running | abandoned; guarded by the engine's lock
+        self.prompt_text, self.images, self.digests, self.load_ms = prompt_text, images, digests, load_ms
+        self.sampling, self.max_tokens, self.stops = sampling, max_tokens, stops
+        self.logprobs, self.top_logprobs = logprobs, top_logprobs
+        self.submitted = time.perf_counter()
+
+    def _call(self, fn, *args):
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    def post(self, kind: str, **data) -> None:
+        self._call(self.events.put_nowait, (kind, data))
+
+    def start(self) -> None:
+        self._call(self.started.set)
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class SessionCache:
+    """The conversations kept for reuse: ChatSessions keyed by (image digests, resolution). A
+    request takes the one sharing the longest token prefix with it (image slots included, so the
+    key's digests say whose pixels those slots hold) and puts it back when done."""
+
+    def __init__(self, max_items: int, max_bytes: Optional[int] = None):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.items: List[Tuple[tuple, ChatSession]] = []
+
+    def take(self, key: tuple, ids: List[int]) -> Tuple[Optional[ChatSession], int]:
+        best, best_n = None, 0
+        for i, (k, session) in enumerate(self.items):
+            if k != key:
+                continue
+            # At least the last prompt token must run, for the first token's logits.
+            n = min(common_prefix(session.token_ids, ids), len(ids) - 1)
+            if n > best_n and session.can_rewind(n):
+                best, best_n = i, n
+        if best is None:
+            return None, 0
+        return self.items.pop(best)[1], best_n
+
+    @staticmethod
+    def nbytes(session: ChatSession) -> int:
+        return sum(getattr(c, "nbytes", 0) for c in session.prompt_cache or [])
+
+    def put(self, key: tuple, session: ChatSession) -> None:
+        self.items.append((key, session))
+        # Evict the least recently used beyond either limit (the newest too, if it alone is over).
+        while self.items and (
+            len(self.items) > self.max_items
+            or self.max_bytes is not None and sum(self.nbytes(s) for _, s in self.items) > self.max_bytes
+        ):
+            self.items.pop(0)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def top_logprobs(r, n: int) -> List[Tuple[int, float]]:
+    """The N most likely (token, raw logprob) pairs of a streamed step, most likely first."""
+    import mlx.core as mx
+
+    if not n or r.logprobs is None:
+        return []
+    v = r.logprobs.astype(mx.float32)
+    top = mx.argpartition(-v, kth=n - 1)[:n].tolist()
+    pairs = sorted(zip(top, v[mx.array(top)].tolist()), key=lambda p: -p[1])
+    return [(t, _finite(lp)) for t, lp in pairs]
+
+
+def _finite(x: float) -> float:
+    return float(x) if math.isfinite(x) else -9999.0  # OpenAI's value for "impossible"
+
+
+class Engine:
+    """Owns the model. `submit` queues a Job; the worker thread runs jobs one at a time."""
+
+    def __init__(self, model, processor, settings: Optional[EngineSettings] = None):
+        self.model, self.processor = model, processor
+        self.settings = settings = settings or EngineSettings()
+        self.resolution = resolve_resolution(processor, settings.resolution)
+        GenerationOptions.from_kwargs(settings.cache_options())  # a bad combination fails at start
+        self.feature_cache = default_feature_cache(model)
+        self.sessions = SessionCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
+        self._cond = threading.Condition()
+        self._queue: "collections.deque[Job]" = collections.deque()
+        self.running: Optional[Job] = None
+        self.stats = collections.Counter(served=0, cancelled=0, failed=0, timed_out=0)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="fastvlm-model", daemon=True)
+
+    # -- the handlers' side ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in list(self._queue) + ([self.running] if self.running else []):
+                job.cancelled.set()
+            self._queue.clear()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if not self.alive:
+                raise EngineStopped("the model worker is not running")
+            if len(self._queue) >= self.settings.max_queue:
+                raise EngineBusy(f"the server is busy: {len(self._queue)} requests are waiting "
+                                 "for the model; retry later")
+            self._queue.append(job)
+            self._cond.notify()
+
+    def abandon(self, job: Job, why: str = "timed_out") -> bool:
+        """Take a job out of the queue if it has not started; False if it has."""
+        with self._cond:
+            if job.state != "queued":
+                return False
+            job.state = "abandoned"
+            job.cancelled.set()
+            if job in self._queue:
+                self._queue.remove(job)
+            self.stats[why] += 1
+            return True
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: drop the job if queued, or stop it at its next token."""
+        if not self.abandon(job, "cancelled"):
+            job.cancelled.set()
+
+    # -- the worker's side -----------------------------------------------------------------------
+
+    def _next(self) -> Optional[Job]:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            job = self._queue.popleft()
+            job.state = "running"
+            self.running = job
+            return job
+
+    def _run(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            if job.cancelled.is_set():  # its client left while it waited
+                self.stats["cancelled"] += 1
+                with self._cond:
+                    self.running = None
+                job.post("final", finish_reason=None, usage=None, timings=None)
+                continue
+            queue_ms = ms_since(job.submitted)
+            job.start()
+            try:
+                self._serve(job, queue_ms)
+            except (InputError, EngineError) as e:
+                self.stats["failed"] += 1
+                job.post("error", error=e)
+            except Exception as e:  # keep serving; the request is told generation failed
+                self.stats["failed"] += 1
+                log.exception("generation failed")
+                job.post("error", error=GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+            finally:
+                with self._cond:
+                    self.running = None
+
+    def _session_for(self, key: tuple, ids: List[int], images) -> Tuple[ChatSession, int]:
+        """A kept conversation sharing the longest prefix with IDS (rewound to it), or a new one."""
+        session, cached = self.sessions.take(key, ids)
+        if session is not None:
+            session.rewind(cached)
+            return session, cached
+        session = ChatSession(self.model, self.processor, images, system=None,
+                              resolution=self.resolution, feature_cache=self.feature_cache,
+                              **self.settings.cache_options())
+        return session, 0
+
+    def _serve(self, job: Job, queue_ms: float) -> None:
+        t0 = time.perf_counter()
+        ids = self.processor.encode(job.prompt_text, self.resolution)
+        key = (tuple(job.digests), self.resolution)
+        session, cached = self._session_for(key, ids, job.images)
+        # The tokenization above is preprocessing, so part of TTFT: it is passed in.
+        sampling = dict(job.sampling, max_tokens=job.max_tokens, preprocess_ms=ms_since(t0),
+                        queue_ms=queue_ms, load_ms=job.load_ms)
+        steps = session.stream(ids[cached:], images=job.images if cached else None, **sampling)
+        stop = StopText(job.stops)
+        finish, timings, n_tokens, image_tokens, keep = None, None, 0, 0, False
+        try:
+            for r in steps:
+                timings, image_tokens = r.timings, max(image_tokens, r.image_tokens)
+                eos = r.finish_reason == "stop"  # the EOS token is not part of the completion
+                n_tokens += not eos
+                text, hit = stop.add(r.text)
+                finish = "stop" if hit else r.finish_reason
+                if r.finish_reason and not hit:
+                    text += stop.flush()
+                entries = [(r.token, _finite(r.logprob), top_logprobs(r, job.top_logprobs))] \
+                    if job.logprobs and not eos else []
+                if text or entries:
+                    job.post("delta", text=text, logprobs=entries)
+                if finish or job.cancelled.is_set():
+                    break
+            keep = True
+        finally:
+            steps.close()  # the session's history and KV cache now agree
+            session.images = []  # their rows are in the KV cache; free the pixels
+            if keep:
+                self.sessions.put(key, session)
+        self._finish(job, finish, ids, cached, n_tokens, timings)
+
+    def _finish(self, job: Job, finish, ids, cached: int, n_tokens: int, timings) -> None:
+        if finish is None:
+            self.stats["cancelled"] += 1
+            log.info("request cancelled after %d tokens (client gone)", n_tokens)
+            job.post("final", finish_reason=None, usage=None, timings=None)
+            return
+        self.stats["served"] += 1
+        image_tokens = sum(t == self.processor.image_token_id for t in ids)
+        usage = {
+            "prompt_tokens": len(ids),
+            "completion_tokens": n_tokens,
+            "total_tokens": len(ids) + n_tokens,
+            "image_tokens": image_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached, "image_tokens": image_tokens},
+        }
+        log.info(
+            "%d prompt tokens (%d image, %d cached) -> %d tokens (%s); TTFT %.1f ms, %.1f tokens/s, "
+            "queue %.1f ms", len(ids), image_tokens, cached, n_tokens, finish, timings.ttft_ms,
+            timings.decode_tps, timings.queue_ms,
+        )
+        job.post("final", finish_reason=finish, usage=usage, timings=timings.to_dict())
