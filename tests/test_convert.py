@@ -306,7 +306,8 @@ def test_quantized_outputs_load_generate_and_stay_close(tiny_source, tmp_path):
 
 def run_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "convert", *map(str, args)], cwd=ROOT, capture_output=True,
+        [str(Path(sys.executable).with_name("fastvlm-convert")), *map(str, args)], cwd=ROOT,
+        capture_output=True,
         text=True, env={**os.environ, **(env or {})}, timeout=300,
     )
 

@@ -1,1 +1,0 @@
-"""`python -m convert`: an alias of `python -m fastvlm_mlx.convert` (same flags, same code)."""

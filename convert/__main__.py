@@ -1,5 +1,0 @@
-import sys
-
-from fastvlm_mlx.convert import main
-
-sys.exit(main())
