@@ -38,8 +38,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import ModelConfig
-from .loader import DTYPES, runtime_dtype
+from .config import DTYPES, ModelConfig
+from .loader import runtime_dtype
 from .processing import DEFAULT_SYSTEM, format_prompt, preprocess_image
 
 # The released decoders (fastvlm-reference.md). Tokens ids are Qwen2's.
@@ -743,7 +743,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .loader import ModelLoadError
+    from .config import ModelLoadError
     from .processing import InputError
 
     args = build_parser().parse_args(argv)

@@ -19,7 +19,6 @@ figures (our pixels, our prompt, greedy decoding through `fastvlm_mlx.generate`)
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -29,11 +28,20 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from . import checkpoint
+from .checkpoint import (
+    APPLE_IMAGE_TOKEN,
+    resolution,
+    source_config,
+    source_state_dict,
+    text_fields,
+    vision_depths,
+)
+
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
 DEFAULT_PROMPT = "Describe the image."
 DEFAULT_TOKENS = 16
 EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "images" / "chelsea.jpg"
-APPLE_IMAGE_TOKEN = -200  # LLaVA's IMAGE_TOKEN_INDEX: Apple's vocabulary has no image token
 
 EXIT_OK = 0  # every figure within its threshold
 EXIT_DIVERGED = 1  # a figure beyond its threshold; the parts that diverged are named
@@ -119,74 +127,21 @@ def check_reference_packages() -> None:
 
 def resolve_source(model: str) -> Path:
     """A local checkpoint directory, or a hub id fetched (or found in the local cache)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise VerifyError(f"{path} is not a directory")
-        return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
-        raise VerifyError(f"{model} is neither a directory nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-
-    from .convert import SOURCE_PATTERNS
-
     try:
-        return Path(snapshot_download(model, allow_patterns=SOURCE_PATTERNS))
-    except Exception as e:  # offline, unknown repo, network: huggingface-hub has many types
+        return checkpoint.resolve_source(model)
+    except checkpoint.SourceUnavailable as e:
         raise VerifyError(
             f"the weights of {model} are not available: not in the local Hugging Face cache and "
-            f"not downloadable ({type(e).__name__}); offline? fetch them once online, or pass "
+            f"not downloadable ({e.reason}); offline? fetch them once online, or pass "
             "--model PATH (a local checkpoint)",
             EXIT_NO_WEIGHTS,
         ) from None
 
 
-def source_state_dict(src: Path) -> Dict[str, "torch.Tensor"]:
-    import glob
-
-    import torch
-
-    files = sorted(glob.glob(str(src / "*.safetensors")))
-    state = {}
-    try:
-        if files:
-            from safetensors.torch import load_file
-
-            for f in files:
-                state.update(load_file(f))
-        else:
-            for f in sorted(glob.glob(str(src / "pytorch_model*.bin"))):
-                state.update(torch.load(f, map_location="cpu", weights_only=True))
-    except Exception as e:
-        raise VerifyError(f"cannot read the weights in {src} ({type(e).__name__}: {e})") from None
-    if not state:
-        raise VerifyError(f"{src} holds no weights (*.safetensors or pytorch_model*.bin)")
-    return state
-
-
 def source_layout(src: Path) -> str:
-    """The layout by tensor names (safetensors headers only, no tensor is read)."""
-    import glob
-
-    from .weights import WeightError, detect_layout
-
-    files = sorted(glob.glob(str(src / "*.safetensors")))
-    if files:
-        from safetensors import safe_open
-
-        keys = []
-        try:
-            for f in files:
-                with safe_open(f, framework="pt") as fh:
-                    keys += list(fh.keys())
-        except Exception as e:
-            raise VerifyError(f"cannot read the weights in {src} ({type(e).__name__}: {e})") from None
-    else:
-        keys = list(source_state_dict(src))
-    try:
-        layout = detect_layout(keys)
-    except WeightError as e:
-        raise VerifyError(f"{src}: {e}") from None
+    """The layout by tensor names (safetensors headers only, no tensor is read): one the
+    reference can be built from."""
+    layout = checkpoint.source_layout(src)
     if layout not in ("apple", "transformers"):
         raise VerifyError(
             f"{src} is in the {layout} layout: verify builds the PyTorch reference from a source "
@@ -254,8 +209,6 @@ def load_reference(src: Path, layout: str) -> Reference:
     import torch
     from transformers import AutoTokenizer
 
-    from .convert import resolution, source_config
-
     _quiet_transformers()
     cfg = source_config(src)
     pre_file = src / "preprocessor_config.json"
@@ -322,7 +275,6 @@ def _apple_reference(src: Path, cfg: dict, common: dict) -> Reference:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from .convert import QWEN2_FIELDS
     from .weights import WeightError, apple_vision_name, is_unused
 
     state = {
@@ -342,16 +294,11 @@ def _apple_reference(src: Path, cfg: dict, common: dict) -> Reference:
                 text_state[k] = v
     except WeightError as e:
         raise VerifyError(f"{src}: {e}") from None
-    depths = {}
-    for k in vision_state:
-        m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k)
-        if m:
-            depths[int(m.group(1))] = max(depths.get(int(m.group(1)), 0), int(m.group(2)) + 1)
-    if sorted(depths) != list(range(5)):
+    depths = vision_depths(vision_state, prefix="")
+    if len(depths) != 5 or not all(depths):
         raise VerifyError(f"{src}: the vision tower does not have the 5 stages of FastViTHD")
     tower = timm.create_model(
-        "fastvit_mci3", pretrained=False, inference_mode=True,
-        layers=tuple(depths[i] for i in range(5)), num_classes=0,
+        "fastvit_mci3", pretrained=False, inference_mode=True, layers=tuple(depths), num_classes=0,
     ).eval()
     _load_strict(tower, vision_state, "vision")
 
@@ -366,7 +313,7 @@ def _apple_reference(src: Path, cfg: dict, common: dict) -> Reference:
     embed = text_state.get("model.embed_tokens.weight")
     if embed is None:
         raise VerifyError(f"{src} has no model.embed_tokens.weight")
-    text = {k: cfg[k] for k in QWEN2_FIELDS if k in cfg}
+    text = text_fields(cfg)
     # The config's tie_word_embeddings is not reliable in Apple's releases: the tensors decide.
     # A tied head is given as a copy of the embeddings, which computes the same.
     text_state.setdefault("lm_head.weight", embed)
