@@ -88,10 +88,10 @@ def dtype_name(dtype: mx.Dtype) -> str:
 
 def import_mlx_vlm_fastvlm():
     """mlx_vlm.models.fastvlm without running mlx_vlm/__init__.py (see the module docstring)."""
-    spec = importlib.util.find_spec("mlx_vlm")
-    if spec is None or not spec.submodule_search_locations:
-        raise PeerUnavailable("--compare mlx-vlm needs mlx-vlm installed (pip install mlx-vlm)")
-    if "mlx_vlm" not in sys.modules:
+    if "mlx_vlm" not in sys.modules:  # a second peer finds the bare package of the first
+        spec = importlib.util.find_spec("mlx_vlm")
+        if spec is None or not spec.submodule_search_locations:
+            raise PeerUnavailable("--compare mlx-vlm needs mlx-vlm installed (pip install mlx-vlm)")
         package = types.ModuleType("mlx_vlm")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["mlx_vlm"] = package
