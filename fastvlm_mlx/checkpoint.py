@@ -40,7 +40,8 @@ class SourceUnavailable(ConvertError):
     def __init__(self, source: str, reason: str):
         super().__init__(
             f"cannot fetch {source} from the Hugging Face hub ({reason}); offline? download it "
-            f"elsewhere, then convert the local copy: python -m convert --model PATH --out DST"
+            "elsewhere, then convert the local copy: "
+            "python -m fastvlm_mlx.convert --model PATH --out DST"
         )
         self.source, self.reason = source, reason
 
