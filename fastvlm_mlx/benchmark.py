@@ -7,13 +7,10 @@ resolutions, with the alternatives timed the same way in the same process.
 
 Our runtime is timed through `stream_generate` itself, so the clock is generate.py's (the same
 parts as every other TTFT this package reports), with the feature cache off and a decoded image
-in hand (file decoding is outside TTFT). The peers are timed part by part at the same
-boundaries, each closed by the runtime's own synchronization:
-- `torch`: transformers' `FastVlmForConditionalGeneration` (on CUDA when MLX runs on a GPU and
-  torch sees one, else on the CPU);
-- `mlx-vlm`: mlx-vlm's `fastvlm` port, imported without mlx-vlm's package `__init__`, which pulls
-  in far more than the model needs (conventions.md).
-Peers get random weights of the same shapes, in the same dtype (and quantization, for mlx-vlm).
+in hand (file decoding is outside TTFT). The peers (peers.py: transformers and mlx-vlm) are
+timed part by part at the same boundaries, each closed by the runtime's own synchronization;
+every runtime answers `run(inputs) -> Timings` for the same `peers.Inputs`. Random weights at
+the released shapes (`--arch`) are random_model.py's.
 Every prompt has the same text-token count (`--prompt-tokens`) and one image; EOS is masked so
 that every run decodes `--tokens` tokens.
 """
@@ -26,8 +23,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
-import types
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,30 +30,18 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from .config import ModelConfig
-from .loader import DTYPES, runtime_dtype
-from .processing import DEFAULT_SYSTEM, format_prompt, preprocess_image
+from .config import DTYPES
+from .loader import runtime_dtype
+from .peers import PEERS, Inputs, PeerUnavailable, no_eos_greedy, others_bytes
+from .processing import DEFAULT_SYSTEM, format_prompt
+from .random_model import ARCHS, random_model
+from .timing import TTFT_PARTS, Timings
 
-# The released decoders (fastvlm-reference.md). Tokens ids are Qwen2's.
-ARCHS = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
-                 tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                 tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
-               tie_word_embeddings=False),
-}
-ENDOFTEXT, IM_START, IM_END, IMAGE_ID = 151643, 151644, 151645, 151646
-PEERS = ("torch", "mlx-vlm")
 OURS = "fastvlm-mlx"
-# The parts of TTFT, in order, then the rest; all are Timings fields (generate.py).
-PARTS = ("preprocess_ms", "vision_ms", "connector_ms", "prefill_ms", "first_token_ms")
+# The parts of TTFT, in order, then the rest; all are Timings fields (timing.py).
+PARTS = TTFT_PARTS
 METRICS = PARTS + ("ttft_ms", "decode_tps", "peak_memory_gb")
 
 
@@ -67,71 +50,7 @@ class BenchmarkError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Models with random weights at the real shapes
-
-
-def arch_config(arch: str) -> ModelConfig:
-    text = dict(ARCHS[arch], rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768)
-    return ModelConfig(text_config=text, image_size=1024, image_token_id=IMAGE_ID,
-                       eos_token_id=[IM_END, ENDOFTEXT])
-
-
-def synthetic_processor(config: ModelConfig):
-    """A word-level tokenizer over the model's vocabulary, Qwen2's special ids in place.
-
-    Random weights need no real tokenizer, but the prompt still goes through the template and
-    tokenization, and the answer through mlx-lm's detokenizer, so both are timed as usual.
-    """
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from .processing import Processor
-
-    vocab_size = config.text_config["vocab_size"]
-    specials = {"<|endoftext|>": ENDOFTEXT, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
-    words = "system user assistant You are a helpful assistant. Describe the image in detail".split()
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    vocab.update({f"w{i}": i for i in range(len(vocab), ENDOFTEXT)})
-    vocab.update(specials)
-    vocab.update({f"w{i}": i for i in range(IMAGE_ID, vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=words[0]))  # ids are all taken
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    return Processor(
-        tokenizer=TokenizerWrapper(fast, eos_token_ids=config.eos_token_id),
-        image_size=config.image_size, image_token_id=config.image_token_id,
-        stride=config.vision_config.stride, eos_token_ids=list(config.eos_token_id),
-    )
-
-
-def tame_random_weights(model: nn.Module) -> None:
-    """Layer scales of 0.01 (timm initializes them at 1e-5): with mlx's default of 1 the 44
-    residual blocks of random weights overflow float16, and inf/NaN timings mean nothing."""
-    from mlx.utils import tree_flatten
-
-    scales = [(k, mx.full(v.shape, 0.01, v.dtype)) for k, v in tree_flatten(model.parameters())
-              if "layer_scale" in k]
-    model.load_weights(scales, strict=False)
-
-
-def random_model(arch: str, dtype: mx.Dtype, q_bits: Optional[int], q_group_size: int):
-    from .convert import quantize_model
-    from .model import Model
-
-    config = arch_config(arch)
-    model = Model(config)
-    tame_random_weights(model)
-    model.set_dtype(dtype)
-    if q_bits:
-        quantize_model(model, config.to_dict(), q_bits, q_group_size)
-    model.vision_tower.fuse()
-    model.eval()
-    mx.eval(model.parameters())
-    return model, synthetic_processor(config)
+# Our model: a converted one, or random weights at the released shapes (random_model.py)
 
 
 def load_model(path: str, dtype: mx.Dtype, q_bits: Optional[int], q_group_size: int):
@@ -185,31 +104,17 @@ def prompt_ids(processor, text: str, resolution: int) -> List[int]:
     return processor.encode(format_prompt(text, 1, DEFAULT_SYSTEM), resolution)
 
 
-def no_eos_greedy(eos_ids: Sequence[int], vocab_size: int) -> Callable:
-    """Greedy sampling that never ends the answer, so every run decodes the same count."""
-    mask = np.zeros((vocab_size,), np.float32)
-    mask[[i for i in eos_ids if 0 <= i < vocab_size]] = -np.inf
-    mask = mx.array(mask)
-    return lambda logprobs: mx.argmax(logprobs + mask, axis=-1)
-
-
 # ----------------------------------------------------------------------------------------------
-# Runtimes: each times one run and returns the METRICS it measured
-
-
-def weight_bytes(model: nn.Module) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def others_bytes(model: nn.Module) -> int:
-    """MLX memory held by everything but MODEL's weights (the peers' weights in a --compare run):
-    subtracted from MLX's process-wide peak, so each runtime's peak is its own."""
-    return max(mx.get_active_memory() - weight_bytes(model), 0)
+# Our runtime, behind the peers' interface (peers.py)
 
 
 class Ours:
+    """fastvlm-mlx, the runtime measured, behind the peers' `run(inputs) -> Timings`.
+
+    It is not timed here: `stream_generate` reports the Timings every user of the package gets
+    (the boundaries the peers copy), read by field name, so either Timings type will do. It
+    stays beside the sweep that compares the peers to it; peers.py never imports generate."""
+
     name = OURS
 
     def __init__(self, model, processor):
@@ -217,7 +122,7 @@ class Ours:
         self.sampler = no_eos_greedy(processor.eos_token_ids, model.vocab_size)
         self.device = str(mx.default_device())
 
-    def run(self, image, text: str, resolution: int, tokens: int) -> Dict[str, float]:
+    def run(self, inputs: Inputs) -> Timings:
         from .generate import stream_generate
 
         others = others_bytes(self.model)
@@ -225,210 +130,16 @@ class Ours:
             warnings.simplefilter("ignore")  # a resolution other than the trained one warns
             last = None
             for last in stream_generate(
-                self.model, self.processor, text, images=[image], resolution=resolution,
-                max_tokens=tokens, sampler=self.sampler, feature_cache=False,
+                self.model, self.processor, inputs.text, images=[inputs.image],
+                resolution=inputs.resolution, max_tokens=inputs.tokens, sampler=self.sampler,
+                feature_cache=False,
             ):
                 pass
         t = last.timings
-        out = {k: getattr(t, k) for k in METRICS}
-        out["peak_memory_gb"] -= others / 1e9
-        return out
-
-
-class _Lap:
-    def __init__(self, sync: Callable[[], None]):
-        self.sync = sync
-        self.t = time.perf_counter()
-
-    def __call__(self) -> float:
-        self.sync()
-        now = time.perf_counter()
-        ms, self.t = (now - self.t) * 1e3, now
-        return ms
-
-
-class MlxVlm:
-    """mlx-vlm's fastvlm port, random weights of our model's shapes, same dtype and quantization."""
-
-    name = "mlx-vlm"
-
-    def __init__(self, config: ModelConfig, dtype: mx.Dtype, q_bits, q_group_size):
-        fastvlm = import_mlx_vlm_fastvlm()
-        vc = fastvlm.VisionConfig()
-        vc.layers = list(config.vision_config.depths)
-        vc.embed_dims = list(config.vision_config.widths)
-        text = dict(config.text_config, model_type="qwen2")
-        tc = fastvlm.TextConfig(**{k: v for k, v in text.items() if k in fastvlm.TextConfig.__dataclass_fields__})
-        model = fastvlm.Model(fastvlm.ModelConfig(text_config=tc, vision_config=vc))
-        tame_random_weights(model)
-        model.set_dtype(dtype)
-        if q_bits:
-            nn.quantize(model, group_size=q_group_size, bits=q_bits,
-                        class_predicate=lambda p, m: p.startswith(("language_model.", "mm_projector."))
-                        and hasattr(m, "to_quantized"))
-        model.eval()
-        mx.eval(model.parameters())
-        self.model, self.dtype = model, dtype
-        self.image_token = model.config.image_token_index  # -200: one marker, expanded in the splice
-        self.our_image_token = config.image_token_id
-        self.device = str(mx.default_device())
-
-    def run(self, image, ids: List[int], image_slots: int, resolution: int, tokens: int,
-            eos_ids: Sequence[int]) -> Dict[str, float]:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        m = self.model
-        mask = no_eos_greedy(eos_ids, m.language_model.config.vocab_size)  # before the clock
-        others = others_bytes(m)
-        mx.reset_peak_memory()
-        lap = _Lap(lambda: None)
-        out = {}
-        # Their prompt holds one -200 marker where our prompt holds the image slots.
-        first = ids.index(self.our_image_token)
-        marked = ids[:first] + [self.image_token] + ids[first + image_slots:]
-        pixels = mx.array(preprocess_image(image, resolution))[None].astype(self.dtype)
-        input_ids = mx.array([marked])
-        mx.eval(pixels, input_ids)
-        out["preprocess_ms"] = lap()
-        _, features, _ = m.vision_tower(pixels)
-        mx.eval(features)
-        out["vision_ms"] = lap()
-        B, H, W, C = features.shape
-        features = m.mm_projector(features.reshape(B, H * W, C))
-        mx.eval(features)
-        out["connector_ms"] = lap()
-        embeddings = m.prepare_inputs_for_multimodal(features, input_ids, None)
-        mx.eval(embeddings)
-        out["preprocess_ms"] += lap()
-        cache = make_prompt_cache(m.language_model)
-        L = embeddings.shape[1]
-        m.language_model(input_ids[:, : L - 1], cache=cache, inputs_embeds=embeddings[:, :-1])
-        mx.eval([c.state for c in cache])
-        out["prefill_ms"] = lap()
-
-        def step(y, emb=None):
-            logits = m.language_model(y, cache=cache, inputs_embeds=emb).logits[:, -1, :]
-            return mask(logits)
-
-        y = step(mx.array([[0]]), embeddings[:, -1:])
-        y.item()
-        out["first_token_ms"] = lap()
-        # Decoding, pipelined as mlx-lm's generate_step does: queue the next step, then read.
-        t0 = time.perf_counter()
-        mx.async_eval(y)
-        for _ in range(tokens - 1):
-            nxt = step(y[None])
-            mx.async_eval(nxt)
-            y.item()
-            y = nxt
-        y.item()
-        out["decode_tps"] = (tokens - 1) / max(time.perf_counter() - t0, 1e-9) if tokens > 1 else 0.0
-        out["ttft_ms"] = sum(out[k] for k in PARTS)
-        out["peak_memory_gb"] = (mx.get_peak_memory() - others) / 1e9
-        return out
-
-
-class Torch:
-    """transformers' FastVlmForConditionalGeneration, random weights of our model's shapes."""
-
-    name = "torch"
-
-    def __init__(self, config: ModelConfig, dtype_name: str):
-        try:
-            import torch
-            from transformers import FastVlmConfig, FastVlmForConditionalGeneration, Qwen2Config
-        except ImportError as e:
-            raise BenchmarkError(f"--compare torch needs torch, timm and transformers ({e})") from None
-        self.torch = torch
-        on_gpu = mx.default_device() == mx.gpu and torch.cuda.is_available()
-        self.torch_device = torch.device("cuda" if on_gpu else "cpu")
-        self.device = f"torch {self.torch_device} ({torch.cuda.get_device_name() if on_gpu else platform.processor() or 'cpu'})"
-        self.dtype = getattr(torch, dtype_name)
-        text = {k: v for k, v in config.text_config.items() if k != "model_type"}
-        vc = dict(
-            model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=3072,
-            do_pooling=False,
-            model_args={"inference_mode": True, "layers": list(config.vision_config.depths)},
+        return Timings(
+            **{k: getattr(t, k) for k in PARTS + ("decode_tps",)},
+            peak_memory_gb=t.peak_memory_gb - others / 1e9,
         )
-        self.image_token = config.image_token_id
-        cfg = FastVlmConfig(vision_config=vc, text_config=Qwen2Config(**text),
-                            image_token_index=max(self.image_token, 0))
-        torch.manual_seed(0)
-        model = FastVlmForConditionalGeneration(cfg).eval()
-        self.model = model.to(device=self.torch_device, dtype=self.dtype)
-
-    def _sync(self):
-        if self.torch_device.type == "cuda":
-            self.torch.cuda.synchronize()
-
-    def run(self, image, ids: List[int], resolution: int, tokens: int,
-            eos_ids: Sequence[int]) -> Dict[str, float]:
-        torch = self.torch
-        from transformers import DynamicCache
-
-        m = self.model
-        lm = m.model.language_model
-        eos = [i for i in eos_ids if 0 <= i < m.lm_head.out_features]  # before the clock
-        on_gpu = self.torch_device.type == "cuda"
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-        out = {}
-        with torch.inference_mode():
-            lap = _Lap(self._sync)
-            pixels = torch.from_numpy(preprocess_image(image, resolution)).permute(2, 0, 1)[None]
-            pixels = pixels.to(self.torch_device, self.dtype)
-            input_ids = torch.tensor([ids], device=self.torch_device)
-            slots = input_ids == self.image_token
-            input_ids = input_ids.masked_fill(slots, 0)  # the slot id may be outside the vocabulary
-            out["preprocess_ms"] = lap()
-            features = m.model.vision_tower(pixels).last_hidden_state
-            out["vision_ms"] = lap()
-            features = m.model.multi_modal_projector(features.flatten(2).permute(0, 2, 1))
-            out["connector_ms"] = lap()
-            embeddings = lm.get_input_embeddings()(input_ids)
-            embeddings = embeddings.masked_scatter(
-                slots.unsqueeze(-1).expand_as(embeddings), features.to(embeddings.dtype)
-            )
-            out["preprocess_ms"] += lap()
-            cache = DynamicCache(config=lm.config)
-            lm(inputs_embeds=embeddings[:, :-1], past_key_values=cache, use_cache=True)
-            out["prefill_ms"] = lap()
-
-            def step(emb):
-                hidden = lm(inputs_embeds=emb, past_key_values=cache, use_cache=True).last_hidden_state
-                logits = m.lm_head(hidden[:, -1])
-                logits[:, eos] = -float("inf")
-                return logits.argmax(-1, keepdim=True)
-
-            y = step(embeddings[:, -1:])
-            y.item()
-            out["first_token_ms"] = lap()
-            t0 = time.perf_counter()
-            for _ in range(tokens - 1):
-                y = step(lm.get_input_embeddings()(y))
-                y.item()
-            out["decode_tps"] = (tokens - 1) / max(time.perf_counter() - t0, 1e-9) if tokens > 1 else 0.0
-        out["ttft_ms"] = sum(out[k] for k in PARTS)
-        out["peak_memory_gb"] = (
-            torch.cuda.max_memory_allocated() / 1e9 if on_gpu else float("nan")
-        )
-        return out
-
-
-def import_mlx_vlm_fastvlm():
-    """mlx_vlm.models.fastvlm without running mlx_vlm/__init__.py (see the module docstring)."""
-    spec = importlib.util.find_spec("mlx_vlm")
-    if spec is None or not spec.submodule_search_locations:
-        raise BenchmarkError("--compare mlx-vlm needs mlx-vlm installed (pip install mlx-vlm)")
-    if "mlx_vlm" not in sys.modules:
-        package = types.ModuleType("mlx_vlm")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["mlx_vlm"] = package
-    try:
-        import mlx_vlm.models.fastvlm as fastvlm
-    except ImportError as e:
-        raise BenchmarkError(f"mlx-vlm's fastvlm model cannot be imported ({e})") from None
-    return fastvlm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,22 +209,18 @@ def sweep(ours: Ours, peers: Sequence, resolutions: Sequence[int], n_text: int, 
     for res in resolutions:
         text = text or user_text(processor, n_text, res)
         ids = prompt_ids(processor, text, res)
-        slots = processor.tokens_per_image(res)
-        image = source_image(res)
+        inputs = Inputs(image=source_image(res), text=text, ids=ids,
+                        image_slots=processor.tokens_per_image(res), resolution=res,
+                        tokens=tokens, eos_ids=eos)
         for rt in runtimes:
-            r = Result(rt.name, rt.device, res, slots, len(ids))
+            r = Result(rt.name, rt.device, res, inputs.image_slots, len(ids))
             for i in range(warmup + runs):
                 kind = "warmup" if i < warmup else f"run {i - warmup + 1}/{runs}"
-                if isinstance(rt, Ours):
-                    sample = rt.run(image, text, res, tokens)
-                elif isinstance(rt, MlxVlm):
-                    sample = rt.run(image, ids, slots, res, tokens, eos)
-                else:
-                    sample = rt.run(image, ids, res, tokens, eos)
+                timings = rt.run(inputs)
                 progress.step(f"{rt.name} {res}px {kind}")
                 if i >= warmup:
-                    for k, v in sample.items():
-                        r.samples.setdefault(k, []).append(float(v))
+                    for k in METRICS:
+                        r.samples.setdefault(k, []).append(float(getattr(timings, k)))
             results.append(r)
     progress.close()
     return results
@@ -717,12 +424,10 @@ def run(args) -> int:
     else:
         model, processor = random_model(args.arch or "0.5b", dtype, args.q_bits, args.q_group_size)
     ours = Ours(model, processor)
-    runtimes = []
-    for peer in peers:
-        if peer == "mlx-vlm":
-            runtimes.append(MlxVlm(model.config, dtype, args.q_bits, args.q_group_size))
-        else:
-            runtimes.append(Torch(model.config, dtype_name))
+    try:
+        runtimes = [PEERS[peer](model.config, dtype, args.q_bits, args.q_group_size) for peer in peers]
+    except PeerUnavailable as e:
+        raise BenchmarkError(str(e)) from None
 
     env = environment(args, dtype_name)
     print(f"# {env['model']} | {dtype_name}{f' q{args.q_bits}' if args.q_bits else ''} | "
@@ -743,7 +448,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .loader import ModelLoadError
+    from .config import ModelLoadError
     from .processing import InputError
 
     args = build_parser().parse_args(argv)

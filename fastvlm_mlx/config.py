@@ -2,11 +2,22 @@
 
 The vision architecture is data (depths, widths, mixers), so tests and tools can build reduced
 FastViTHD towers with the same block types. The text config is kept as the dict of mlx-lm's Qwen2
-`ModelArgs` fields and handed to mlx-lm unchanged.
+`ModelArgs` fields and handed to mlx-lm unchanged. The dtype names (`DTYPES`) and the one-line
+error of a model that cannot be loaded (`ModelLoadError`) live here too: the converter and the
+loader both use them.
 """
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
+
+import mlx.core as mx
+
+# The floating-point dtypes a model is converted to or run in, by their names on the command line.
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded; the message says why in one line."""
 
 
 def _from_dict(cls, params: dict):

@@ -8,181 +8,31 @@ nothing half-made.
 """
 
 import argparse
-import glob
-import json
-import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import mlx.core as mx
 
-from .config import ModelConfig, VisionConfig
-from .loader import DTYPES, ModelLoadError, build_model
-from .model import Model
-from .weights import WeightError, cast_floating, detect_layout, sanitize
+from .checkpoint import (
+    ConvertError,
+    build_config,
+    check_source,
+    read_source_weights,
+    resolve_source,
+    source_layout,
+)
+from .config import DTYPES
+from .model import Model, build_model
+from .weights import WeightError, cast_floating, sanitize
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json", "preprocessor_config.json",
 )
-SOURCE_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt", "*.jinja", "*.model"]
-# Apple's (LLaVA's) sentinel: its vocabulary has no image token, `<image>` marks the splice.
-APPLE_IMAGE_TOKEN = -200
-QWEN2_FIELDS = (
-    "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-    "rms_norm_eps", "num_key_value_heads", "max_position_embeddings", "rope_theta",
-    "rope_scaling",
-)
-
-
-class ConvertError(ModelLoadError):
-    """A source that cannot be converted; the message names the problem in one line."""
-
-
-def resolve_source(src) -> Path:
-    """A local directory, or a hub id fetched with huggingface-hub (its cache, its progress bars)."""
-    path = Path(src).expanduser()
-    if path.exists():
-        return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-        raise ConvertError(f"{src} is neither a directory nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(src), allow_patterns=SOURCE_PATTERNS))
-    except Exception as e:  # offline, unknown repo, network: huggingface-hub has many types
-        raise ConvertError(
-            f"cannot fetch {src} from the Hugging Face hub ({type(e).__name__}); offline? download it "
-            f"elsewhere, then convert the local copy: python -m convert --model PATH --out DST"
-        ) from None
-
-
-def read_source_weights(src: Path) -> Dict[str, mx.array]:
-    files = sorted(glob.glob(str(src / "*.safetensors")))
-    if files:
-        weights = {}
-        for f in files:
-            try:
-                weights.update(mx.load(f))
-            except Exception as e:
-                raise ConvertError(f"{f} cannot be read, truncated or corrupt? ({e})") from None
-        return weights
-    bins = sorted(glob.glob(str(src / "pytorch_model*.bin")))
-    if bins:
-        try:
-            import torch
-        except ImportError:
-            raise ConvertError(
-                f"{src} holds pytorch_model.bin, which needs torch to read: pip install torch"
-            ) from None
-        from .weights import from_torch
-
-        weights = {}
-        for f in bins:
-            try:
-                weights.update(from_torch(torch.load(f, map_location="cpu", weights_only=True)))
-            except Exception as e:
-                raise ConvertError(f"{f} cannot be read ({e})") from None
-        return weights
-    raise ConvertError(f"{src} holds no weights (*.safetensors or pytorch_model*.bin)")
-
-
-def vision_depths(weights: Dict[str, mx.array]) -> list:
-    """Blocks per stage, counted from our (timm) names."""
-    depths = {}
-    for k in weights:
-        m = re.match(r"vision_tower\.stages\.(\d+)\.blocks\.(\d+)\.", k)
-        if m:
-            s, b = int(m.group(1)), int(m.group(2))
-            depths[s] = max(depths.get(s, 0), b + 1)
-    if not depths:
-        raise ConvertError("the checkpoint holds no vision tower blocks")
-    return [depths.get(i, 0) for i in range(max(depths) + 1)]
-
-
-def resolution(src: Path, cfg: dict) -> int:
-    """preprocessor_config.json (crop_size, else size), else mm_vision_tower's suffix, else 1024."""
-    pre = src / "preprocessor_config.json"
-    if pre.is_file():
-        p = json.loads(pre.read_text())
-        for key in ("crop_size", "size"):
-            v = p.get(key)
-            if isinstance(v, dict):
-                v = v.get("height", v.get("shortest_edge"))
-            if isinstance(v, int):
-                return v
-    m = re.search(r"_(\d+)$", str(cfg.get("mm_vision_tower", "")))
-    return int(m.group(1)) if m else 1024
-
-
-def _token_id(tokenizer_dir: Path, token: str) -> Optional[int]:
-    f = tokenizer_dir / "tokenizer.json"
-    if not f.is_file():
-        return None
-    tok = json.loads(f.read_text())
-    for t in tok.get("added_tokens", []):
-        if t.get("content") == token:
-            return t["id"]
-    return tok.get("model", {}).get("vocab", {}).get(token)
-
-
-def source_config(src: Path) -> dict:
-    cfg_file = src / "config.json"
-    if not cfg_file.is_file():
-        raise ConvertError(f"{src} has no config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{cfg_file} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConvertError(f"{cfg_file} is not a JSON object")
-    return cfg
-
-
-def build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelConfig:
-    """Our config.json from the source's config and tensors (sanitized names)."""
-    cfg_file = src / "config.json"
-    cfg = source_config(src)
-    if layout == "fastvlm_mlx":
-        return ModelConfig.from_dict(cfg)
-    text_src = cfg.get("text_config") or cfg
-    text = {k: text_src[k] for k in QWEN2_FIELDS if k in text_src}
-    embed = weights.get("language_model.model.embed_tokens.weight")
-    if embed is None:
-        raise ConvertError("missing tensor 'embed_tokens.weight'")
-    text["vocab_size"] = int(embed.shape[0])
-    # The configs' tie_word_embeddings flag is not reliable: the tensors decide.
-    text["tie_word_embeddings"] = "language_model.lm_head.weight" not in weights
-    if layout in ("apple", "mlx-vlm"):
-        # Apple's vocabulary has no image token; mlx-vlm keeps Apple's -200 sentinel too.
-        image_token = APPLE_IMAGE_TOKEN
-    else:
-        image_token = cfg.get("image_token_index", cfg.get("image_token_id"))
-        if image_token is None:
-            image_token = _token_id(src, "<image>")
-        if image_token is None:
-            raise ConvertError(f"{cfg_file} names no image token (image_token_index)")
-    eos = [i for i in (_token_id(src, "<|im_end|>"), _token_id(src, "<|endoftext|>")) if i is not None]
-    return ModelConfig(
-        text_config=text,
-        vision_config=VisionConfig(depths=vision_depths(weights)),
-        image_size=resolution(src, cfg),
-        image_token_id=int(image_token),
-        eos_token_id=eos or [151645, 151643],
-        quantization=_quantization(cfg),
-    )
-
-
-def _quantization(cfg: dict) -> Optional[dict]:
-    """An MLX export's quantization block (mlx-lm's format), reduced to what load needs."""
-    q = cfg.get("quantization") or cfg.get("quantization_config")
-    if not q:
-        return None
-    return {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
 
 
 def save_converted(dst: Path, model: Model, config: dict, tokenizer_src: Optional[Path]) -> None:
@@ -213,14 +63,6 @@ def quantize_model(model: Model, config: dict, q_bits: int, q_group_size: int) -
     return config
 
 
-def _refuse_app_bundle(src: Path) -> None:
-    if list(src.glob("*.mlpackage")) or list(src.glob("*/*.mlpackage")):
-        raise ConvertError(
-            f"{src} is an Apple app bundle: its vision tower is a CoreML package, not weights; "
-            f"convert apple/FastVLM-0.5B (or -1.5B, -7B) instead"
-        )
-
-
 def convert(
     src,
     dst,
@@ -237,17 +79,12 @@ def convert(
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
         raise ConvertError(f"{dst} exists and is not empty: pass --force to replace it")
     src = resolve_source(src)
-    if not src.is_dir():
-        raise ConvertError(f"{src} is not a directory")
-    if not any(src.iterdir()):
-        raise ConvertError(f"{src} is empty")
-    _refuse_app_bundle(src)
-    source_config(src)
+    check_source(src)
     raw = read_source_weights(src)
     if not ((src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file()):
         raise ConvertError(f"{src} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    layout = source_layout(src, raw)
     try:
-        layout = detect_layout(raw)
         weights = sanitize(raw, layout)
         del raw
         config = build_config(src, layout, weights)

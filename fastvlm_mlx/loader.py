@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from .config import ModelConfig
-from .model import Model
+from .config import DTYPES, ModelConfig, ModelLoadError
+from .model import Model, build_model
 from .processing import Processor
-from .weights import WeightError, cast_floating, check_weights
-
-
-class ModelLoadError(ValueError):
-    """A model directory that cannot be loaded; the message says why in one line."""
+from .weights import WeightError, cast_floating
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -46,27 +41,6 @@ def read_weights(path: Path) -> dict:
         except Exception as e:  # mlx raises RuntimeError/ValueError with the file's problem
             raise ModelLoadError(f"{f} cannot be read ({e})") from None
     return weights
-
-
-def build_model(config: ModelConfig, weights: dict) -> Model:
-    """Build the model, quantizing the layers the checkpoint holds quantized, and load weights."""
-    model = Model(config)
-    if config.quantization:
-        q = config.quantization
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            mode=q.get("mode", "affine"),
-            class_predicate=lambda p, m: f"{p}.scales" in weights,
-        )
-    check_weights(model, weights)
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    return model
-
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def runtime_dtype(name: Optional[str] = None) -> Optional[mx.Dtype]:
@@ -125,7 +99,9 @@ def _source_key(src: Path) -> str:
 
 def converted_path(path_or_repo: Union[str, Path]) -> Path:
     """A converted directory for PATH_OR_REPO, converting (once, into the cache) when needed."""
-    from .convert import convert, resolve_source
+    # The converter is imported only here: loading a converted directory does not need it.
+    from .checkpoint import resolve_source
+    from .convert import convert
 
     path = Path(path_or_repo).expanduser()
     if path.is_dir() and is_converted(path):

@@ -8,6 +8,7 @@ from mlx_lm.models import qwen2
 
 from .config import ModelConfig
 from .vision import FastViTHD
+from .weights import check_weights
 
 
 class Connector(nn.Module):
@@ -135,3 +136,21 @@ class Model(nn.Module):
     def layers(self):
         # mlx-lm's cache helpers (make_prompt_cache) look for the decoder's layers here.
         return self.language_model.layers
+
+
+def build_model(config: ModelConfig, weights: dict) -> Model:
+    """Build the model, quantizing the layers the checkpoint holds quantized, and load weights."""
+    model = Model(config)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            mode=q.get("mode", "affine"),
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    return model

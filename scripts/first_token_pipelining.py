@@ -13,7 +13,7 @@ import time
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from fastvlm_mlx.benchmark import random_model
+from fastvlm_mlx.random_model import random_model
 
 
 def main():

@@ -165,7 +165,7 @@ def count_kernels(*outputs: mx.array) -> tuple:
 
 
 def _random_tower(dtype: mx.Dtype):
-    from fastvlm_mlx.benchmark import tame_random_weights
+    from fastvlm_mlx.random_model import tame_random_weights
     from fastvlm_mlx.config import VisionConfig
 
     tower = V.FastViTHD(VisionConfig())
@@ -209,7 +209,7 @@ def prefill_kernels(positions: int, dtype: mx.Dtype = mx.float16, sdpa: str = "c
     from mlx_lm.models import qwen2
     from mlx_lm.models.cache import make_prompt_cache
 
-    from fastvlm_mlx.benchmark import arch_config
+    from fastvlm_mlx.random_model import arch_config
 
     text_config = text_config or arch_config("0.5b").text_config
     decoder = qwen2.Model(qwen2.ModelArgs.from_dict(text_config))

@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import fastvlm_mlx.vision as V
-from fastvlm_mlx.benchmark import DTYPES, tame_random_weights
-from fastvlm_mlx.config import VisionConfig
+from fastvlm_mlx.config import DTYPES, VisionConfig
+from fastvlm_mlx.random_model import tame_random_weights
 
 
 def grouped_conv(x, weight, stride):

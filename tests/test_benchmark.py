@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from fastvlm_mlx import benchmark as B
+from fastvlm_mlx import peers as P
+from fastvlm_mlx.random_model import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +76,7 @@ def test_compare_torch_times_the_same_shapes(tiny_converted, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("mlx_vlm") is None, reason="mlx-vlm is not installed")
 def test_compare_mlx_vlm(tiny_loaded):
     model, processor = tiny_loaded
-    peer = B.MlxVlm(model.config, mx.float32, None, 64)
+    peer = P.MlxVlm(model.config, mx.float32, None, 64)
     results = B.sweep(B.Ours(model, processor), [peer], [128], 28, 2, runs=1, warmup=0, quiet=True)
     assert [r.runtime for r in results] == [B.OURS, "mlx-vlm"]
     assert all(r.median("vision_ms") > 0 and r.median("prefill_ms") > 0 for r in results)
@@ -83,12 +85,12 @@ def test_compare_mlx_vlm(tiny_loaded):
     del peer
     (alone,) = B.sweep(B.Ours(model, processor), [], [128], 28, 2, runs=1, warmup=0, quiet=True)
     assert results[0].median("peak_memory_gb") == pytest.approx(alone.median("peak_memory_gb"), rel=0.05)
-    assert results[0].median("peak_memory_gb") >= B.weight_bytes(model) / 1e9
+    assert results[0].median("peak_memory_gb") >= P.weight_bytes(model) / 1e9
 
 
 def test_real_shapes_with_random_weights():
     """--arch builds the FastVLM-0.5B shapes (122.7M tower + 0.5B decoder) and runs end to end."""
-    model, processor = B.random_model("0.5b", mx.float32, None, 64)
+    model, processor = random_model("0.5b", mx.float32, None, 64)
     assert model.language_model.args.hidden_size == 896
     assert len(model.language_model.layers) == 24
     assert processor.tokens_per_image(1024) == 256
@@ -108,7 +110,7 @@ def test_prompt_has_exactly_the_asked_text_tokens(tiny_loaded):
 
 
 def test_no_eos_sampler_never_ends_the_answer():
-    sample = B.no_eos_greedy([2, 7], 10)
+    sample = P.no_eos_greedy([2, 7], 10)
     logprobs = mx.array([[-3.0, -5, 10, -5, -5, -5, -5, 9, -5, -1]])
     assert sample(logprobs).item() == 9
 

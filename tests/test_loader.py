@@ -7,7 +7,7 @@ import pytest
 import fastvlm_mlx
 import reference as ref
 from conftest import reference_logits
-from fastvlm_mlx.loader import ModelLoadError
+from fastvlm_mlx.config import ModelLoadError
 
 
 def test_load_converted_matches_reference(tiny_source, tiny_loaded):

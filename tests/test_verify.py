@@ -1,5 +1,7 @@
 """fastvlm-verify on random-weight checkpoints of both source layouts: it passes on a faithful
-conversion, names the part a fault is in, and fails in one line where it cannot run."""
+conversion, names the part a fault is in, and fails in one line where it cannot run. The
+reference's own decode (fastvlm_mlx.reference, `R`; `ref` is the tests' oracle) is checked
+without the models."""
 
 import json
 import os
@@ -15,6 +17,7 @@ from PIL import Image
 
 import fastvlm_mlx.processing as P
 import reference as ref
+from fastvlm_mlx import reference as R
 from fastvlm_mlx import verify as V
 from fastvlm_mlx.convert import convert
 
@@ -180,7 +183,7 @@ def test_an_exif_rotated_photo_is_a_reported_deviation_and_passes(sources, rotat
     report = V.verify(str(src), str(rotated), tokens=int(TOKENS), converted=str(converted))
     assert report["ok"], report["failures"]
     pre = report["preprocessing"]
-    assert pre["decode_deviations"] == [V.DEVIATION_EXIF.format(6)]
+    assert pre["decode_deviations"] == [R.DEVIATION_EXIF.format(6)]
     assert pre["pixels_max_diff"] == 0.0
     table = V.format_table(report)
     assert "with our deliberate deviations: EXIF orientation 6 applied" in table
@@ -194,7 +197,7 @@ def test_an_exif_rotated_photo_is_a_reported_deviation_and_passes(sources, rotat
 def pixels_apart(image, reference_image):
     """max |our pixels - the reference's| at 256 px, the reference fed REFERENCE_IMAGE."""
     ours = P.preprocess_image(image, 256).transpose(2, 0, 1)[None]
-    return float(np.abs(ours - V.reference_pixels(reference_image, 256, {})).max())
+    return float(np.abs(ours - R.reference_pixels(reference_image, 256, {})).max())
 
 
 def apple_decode(path):
@@ -229,16 +232,16 @@ def broken_exif_jpeg(path):
 @pytest.mark.parametrize("make,deviations", [
     (lambda tmp, rot: IMAGE, []),
     (lambda tmp, rot: broken_exif_jpeg(tmp / "b.jpg"), []),  # no rotation on either side
-    (lambda tmp, rot: rot, [V.DEVIATION_EXIF.format(6)]),
-    (lambda tmp, rot: transparent_png(tmp / "t.png"), [V.DEVIATION_ALPHA]),
-    (lambda tmp, rot: palette_png(tmp / "p.png"), [V.DEVIATION_ALPHA]),
-    (lambda tmp, rot: sixteen_bit_png(tmp / "g16.png"), [V.DEVIATION_16_BIT]),
+    (lambda tmp, rot: rot, [R.DEVIATION_EXIF.format(6)]),
+    (lambda tmp, rot: transparent_png(tmp / "t.png"), [R.DEVIATION_ALPHA]),
+    (lambda tmp, rot: palette_png(tmp / "p.png"), [R.DEVIATION_ALPHA]),
+    (lambda tmp, rot: sixteen_bit_png(tmp / "g16.png"), [R.DEVIATION_16_BIT]),
 ], ids=["jpeg", "broken-exif", "exif-rotated", "rgba", "palette-transparent", "16-bit"])
 def test_the_reference_decodes_the_file_itself(tmp_path, rotated, make, deviations):
     """Our pixels against the reference's own decode of the same file: equal. Where a
     deviation is named, Apple's plain decode really differs (and would fail the check)."""
     path = make(tmp_path, rotated)
-    source, _, ref_image, found = V.decode_image(str(path))
+    source, _, ref_image, found = R.decode_image(str(path))
     assert source == str(path) and found == deviations
     assert pixels_apart(str(path), ref_image) == 0.0
     apart = pixels_apart(str(path), apple_decode(path))
@@ -255,8 +258,8 @@ def test_a_decode_fault_of_ours_is_seen(tmp_path, monkeypatch):
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
     monkeypatch.setattr(P, "_onto_white", onto_black)
-    source, _, ref_image, found = V.decode_image(str(path))
-    assert found == [V.DEVIATION_ALPHA]
+    source, _, ref_image, found = R.decode_image(str(path))
+    assert found == [R.DEVIATION_ALPHA]
     assert pixels_apart(source, ref_image) > 0.5
 
 
@@ -264,9 +267,9 @@ def test_a_url_is_fetched_once_and_decoded_both_ways(rotated, monkeypatch):
     data = rotated.read_bytes()
     fetched = []
     monkeypatch.setattr(P, "fetch_url", lambda url, *a, **k: fetched.append(url) or data)
-    source, ours, ref_image, found = V.decode_image("https://example.com/rotated.jpg")
+    source, ours, ref_image, found = R.decode_image("https://example.com/rotated.jpg")
     assert fetched == ["https://example.com/rotated.jpg"] and source == data
-    assert found == [V.DEVIATION_EXIF.format(6)]
+    assert found == [R.DEVIATION_EXIF.format(6)]
     assert pixels_apart(data, ref_image) == 0.0
     assert P.image_digest(ours) == P.image_digest(P.to_pil(rotated))
 
