@@ -20,11 +20,15 @@ DEFAULT_MODEL = "apple/FastVLM-0.5B"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown; descriptions and epilogs laid out as written."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the defaults in --help and usage errors in one line."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -40,11 +44,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a tool's body under the policy above; returns its exit code."""
+def install_warning_hook() -> None:
+    """Warnings as one `warning:` line; transformers' chatter off."""
     warnings.showwarning = _show_warning
     # transformers (behind mlx-lm's tokenizer loader) warns about our config's model type.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a tool's body under the policy above; returns its exit code."""
+    install_warning_hook()
     try:
         return main(args)
     except KeyboardInterrupt:
@@ -121,15 +130,6 @@ def kv_options(args: argparse.Namespace) -> dict:
     return dict(max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size,
                 kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                 quantized_kv_start=args.quantized_kv_start)
-
-
-def load_model(args: argparse.Namespace):
-    """`load(--model)` in the --dtype the CLIs run in (see loader.runtime_dtype)."""
-    import fastvlm_mlx
-
-    from .loader import runtime_dtype
-
-    return fastvlm_mlx.load(args.model, dtype=runtime_dtype(args.dtype))
 
 
 def main_of(build_parser: Callable[[], argparse.ArgumentParser], body: Callable) -> Callable:

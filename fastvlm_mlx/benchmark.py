@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import _cli
 from .config import DTYPES
 from .loader import runtime_dtype
 from .peers import PEERS, Inputs, PeerUnavailable, no_eos_greedy, others_bytes
@@ -45,7 +46,7 @@ PARTS = TTFT_PARTS
 METRICS = PARTS + ("ttft_ms", "decode_tps", "peak_memory_gb")
 
 
-class BenchmarkError(Exception):
+class BenchmarkError(ValueError):
     """A setting or environment the benchmark cannot run with; one line says why."""
 
 
@@ -335,8 +336,8 @@ def plot(results: List[Result], path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fastvlm_mlx.benchmark",
+    p = _cli.ArgumentParser(
+        prog="fastvlm-benchmark",
         description="Time to first token and its parts, decode speed and peak memory over "
         "resolutions, optionally side by side with PyTorch and mlx-vlm.",
     )
@@ -447,22 +448,14 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import ModelLoadError
-    from .processing import InputError
-
-    args = build_parser().parse_args(argv)
+def run_cli(args) -> int:
     try:
         return run(args)
-    except (BenchmarkError, ModelLoadError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # the JSON or the plot cannot be written
-        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # the JSON or the plot cannot be written: the file's name, in one line
+        raise OSError(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
+
+
+main = _cli.main_of(build_parser, run_cli)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ from .generate import (
     GenerationResult,
     Prompt,
     collect,
+    generation_options,
     resolve_resolution,
     stream_generate,
     stream_to_stdout,
 )
+from .loader import load, runtime_dtype
 from .processing import DEFAULT_SYSTEM, ImageInput, to_pil
 from .timing import Timings, ms_since
 
@@ -149,12 +151,10 @@ def _read_prompt(interactive: bool) -> Optional[str]:
 
 def run_chat(args) -> int:
     """The REPL: the first prompt from --prompt (if given), then one turn per line of stdin."""
-    from .generate import generation_options
-
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=args.max_pixels) for im in args.image]
     load_ms = ms_since(t0)
-    model, processor = _cli.load_model(args)
+    model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
     session = ChatSession(model, processor, images, system=args.system, resolution=args.resolution,
                           **generation_options(args))
     session.load_ms += load_ms  # the images were decoded before the model loaded
@@ -179,16 +179,22 @@ def run_chat(args) -> int:
 
 
 def build_parser():
+    """generate's flags (but --json): the first turn from --prompt, then one per line of stdin."""
     from .generate import build_parser as generate_parser
 
     p = generate_parser()
     p.prog = "fastvlm-chat"
     p.description = "Chat with FastVLM about images: one turn per line of stdin (/exit ends)."
-    p.set_defaults(chat=True)
     return p
 
 
-main = _cli.main_of(build_parser, run_chat)
+def run_chat_cli(args) -> int:
+    if args.json:
+        raise ValueError("fastvlm-chat streams its turns; for one JSON answer use fastvlm-generate --json")
+    return run_chat(args)
+
+
+main = _cli.main_of(build_parser, run_chat_cli)
 
 
 if __name__ == "__main__":  # the package's own copy of this module (see __init__)

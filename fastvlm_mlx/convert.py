@@ -7,7 +7,6 @@ written to a temporary directory beside DST and renamed into place, so an interr
 nothing half-made.
 """
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -16,6 +15,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import _cli
+from ._callable_module import make_callable
 from .checkpoint import (
     ConvertError,
     build_config,
@@ -119,27 +120,37 @@ def write_atomically(dst: Path, write) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", "--hf-path", dest="model", required=True, help="source directory")
-    p.add_argument("--out", "--mlx-path", dest="out", required=True, help="output directory")
-    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    p.add_argument("-q", "--quantize", action="store_true")
-    p.add_argument("--q-bits", type=int, choices=(4, 8), default=None)
-    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
+def build_parser():
+    p = _cli.ArgumentParser(prog="fastvlm-convert", description=__doc__.splitlines()[0])
+    p.add_argument("--model", "--hf-path", dest="model", required=True,
+                   help="the source: a checkpoint directory (any layout above) or a hub id")
+    p.add_argument("--out", "--mlx-path", dest="out", required=True, help="the output directory")
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES),
+                   help="the dtype of every floating tensor (each cast once)")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="quantize the decoder and connector (mlx-lm's quantization)")
+    p.add_argument("--q-bits", type=int, choices=(4, 8), default=None,
+                   help="bits per quantized weight (default 4; implies -q)")
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64,
+                   help="quantization group size")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    a = p.parse_args(argv)
-    try:
-        out = convert(
-            a.model, a.out, a.dtype, quantize=a.quantize or a.q_bits is not None,
-            q_bits=a.q_bits or 4, q_group_size=a.q_group_size, force=a.force,
-        )
-    except (ConvertError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return p
+
+
+def run_cli(a) -> int:
+    out = convert(
+        a.model, a.out, a.dtype, quantize=a.quantize or a.q_bits is not None,
+        q_bits=a.q_bits or 4, q_group_size=a.q_group_size, force=a.force,
+    )
     print(f"converted {a.model} -> {out}", file=sys.stderr)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = _cli.main_of(build_parser, run_cli)
+make_callable(__name__)  # fastvlm_mlx.convert(...) calls convert()
+
+
+if __name__ == "__main__":  # the package's own copy of this module (see __init__)
+    from fastvlm_mlx.convert import main as package_main
+
+    sys.exit(package_main())

@@ -14,6 +14,7 @@ A conversation is a prompt cache and its token history, as in mlx-lm: pass the s
 turn (`chat.ChatSession` holds them for you). CLI::
 
     python -m fastvlm_mlx.generate --image cat.jpg --prompt "Describe the image."
+    python -m fastvlm_mlx chat --image cat.jpg        # follow-up questions (chat.py)
 
 The pipeline, each step a function here: image features (feature cache, pixels, vision tower,
 connector) -> splice (`model.embed`) -> prefill and the first token -> mlx-lm's `generate_step`.
@@ -36,6 +37,7 @@ import numpy as np
 from . import _cli
 from ._callable_module import make_callable
 from .feature_cache import FeatureCache, resolve_feature_cache
+from .loader import load, runtime_dtype
 from .processing import (
     DEFAULT_PROMPT,
     DEFAULT_SYSTEM,
@@ -517,7 +519,6 @@ def build_parser():
     _cli.add_kv_args(p)
     _cli.add_max_pixels_arg(p)
     _cli.add_dtype_arg(p)
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat about the image(s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     p.add_argument("--quiet", "-q", action="store_true", help="no stats block")
     return p
@@ -566,17 +567,11 @@ def generation_options(args) -> dict:
 
 
 def run_cli(args) -> int:
-    if args.chat and args.json:
-        raise InputError("--chat and --json cannot be combined")
-    if args.chat:
-        from .chat import run_chat
-
-        return run_chat(args)
     # Images first, decoded once: a bad image fails fast, before the model loads.
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=args.max_pixels) for im in args.image]
     load_ms = ms_since(t0)
-    model, processor = _cli.load_model(args)
+    model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
     responses = stream_generate(
         model, processor, args.prompt, images, system=args.system, resolution=args.resolution,
         load_ms=load_ms, **generation_options(args),

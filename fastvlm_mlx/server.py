@@ -41,6 +41,7 @@ from .engine import (
     Engine,
 )
 from .generate import ContextLengthError, InputError
+from .loader import load, runtime_dtype
 from .processing import (
     DEFAULT_SYSTEM,
     IMAGE_MARKER,
@@ -689,7 +690,7 @@ def run_server(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    model, processor = _cli.load_model(args)
+    model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
     settings = settings_from_args(args)
     app = create_app(model, processor, settings)
     shown = f"[{host}]" if ":" in host else host

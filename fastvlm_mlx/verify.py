@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import checkpoint
+from . import _cli, checkpoint
 from .reference import (
     ReferenceNotInstalled,
     ReferenceRun,
@@ -41,7 +41,7 @@ from .reference import (
     run_reference,
 )
 
-DEFAULT_MODEL = "apple/FastVLM-0.5B"
+DEFAULT_MODEL = _cli.DEFAULT_MODEL
 DEFAULT_PROMPT = "Describe the image."
 DEFAULT_TOKENS = 16
 EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "images" / "chelsea.jpg"
@@ -511,23 +511,20 @@ def _verify(model: str, image, prompt: str, tokens: int, converted: Optional[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="fastvlm-verify",
         description=(
             "Check fastvlm-mlx against the PyTorch reference built from the same source "
             "checkpoint, on one image, part by part (preprocessing, vision, connector, decoder)."
         ),
         epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="the source checkpoint (Apple or transformers layout): a directory or a hub id "
-                        f"(default {DEFAULT_MODEL})")
+                   help="the source checkpoint (Apple or transformers layout): a directory or a hub id")
     p.add_argument("--image", default=None,
                    help="image path or URL (default: examples/images/chelsea.jpg of the repository)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f'the question (default "{DEFAULT_PROMPT}")')
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                   help=f"greedy tokens to compare (default {DEFAULT_TOKENS})")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="greedy tokens to compare")
     p.add_argument("--converted", default=None, metavar="DIR",
                    help="our converted model to check (default: what fastvlm_mlx.load(--model) "
                         "converts into its cache, float16)")
@@ -535,34 +532,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _err(message: str) -> None:
-    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
-
 
 def main(argv=None) -> int:
+    """verify's own exit codes (EXIT_CODES) under _cli's one-line policy."""
     args = build_parser().parse_args(argv)
+    _cli.install_warning_hook()
     if args.tokens < 1:
-        _err("--tokens must be at least 1")
+        _cli.print_error("--tokens must be at least 1")
         return EXIT_USAGE
     image = args.image
     if image is None:
         if not EXAMPLE_IMAGE.is_file():
-            _err(f"no --image given, and the example image {EXAMPLE_IMAGE} is not there: pass --image IMG")
+            _cli.print_error(f"no --image given, and the example image {EXAMPLE_IMAGE} is not there: pass --image IMG")
             return EXIT_USAGE
         image = str(EXAMPLE_IMAGE)
     try:
         report = verify(args.model, image, args.prompt, args.tokens, args.converted,
                         image_name=Path(image).name if args.image is None else image)
     except VerifyError as e:
-        _err(e)
+        _cli.print_error(e)
         return e.code
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError) as e:  # InputError, ModelLoadError, ConvertError, I/O
-        _err(e)
+        _cli.print_error(e)
         return EXIT_USAGE
     except Exception as e:  # never a traceback for the user
-        _err(f"{type(e).__name__}: {e}")
+        _cli.print_error(f"{type(e).__name__}: {e}")
         return EXIT_ERROR
     if args.json:
         print(json.dumps(report, default=_json_default), flush=True)

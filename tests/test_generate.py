@@ -107,8 +107,11 @@ def test_cli_streams_text_and_prints_stats(tiny_converted, images):
 
 
 def test_cli_chat_prints_a_ttft_per_turn_and_exits_on_eof(tiny_converted, images):
-    p = run_cli("--model", tiny_converted, "--image", images[0], "--max-tokens", 4, "--chat",
-                "--prompt", PROMPT, stdin="And the colours?\n")
+    p = subprocess.run(
+        [str(Path(sys.executable).with_name("fastvlm-chat")), "--model", str(tiny_converted),
+         "--image", str(images[0]), "--max-tokens", "4", "--prompt", PROMPT],
+        cwd=ROOT, capture_output=True, text=True, input="And the colours?\n", timeout=180,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("[TTFT") == 2
     assert "Traceback" not in p.stderr
