@@ -361,9 +361,14 @@ class ReferenceRun:
 
 def run_reference(ref: Reference, image, prompt: str, n_tokens: int, eos: set) -> ReferenceRun:
     """The reference on IMAGE, its own decode (`reference_image`): pixels, prompt, greedy tokens."""
+    import warnings
+
     import torch
 
-    with torch.inference_mode():
+    # transformers' own deprecation notices (its cache argument's name changes between
+    # versions) are about the reference's internals, nothing the user can act on.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         for _ in range(2):  # the first pass warms up; TTFT is the second's, as ours is
             t0 = time.perf_counter()
             pixels = reference_pixels(image, ref.size, ref.preprocessor)
