@@ -280,6 +280,21 @@ def image_features(
     return projected
 
 
+def prefill_prompt(model, embeddings: mx.array, token_ids: Sequence[int], cache: List,
+                   opts: GenerationOptions) -> None:
+    """Feed every prompt position but the last into CACHE, in prefill_step_size steps, each
+    evaluated. (batch.py prefills this way and lets mlx-lm's BatchGenerator run the last one.)"""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+
+    lm = model.language_model
+    n = len(token_ids) - 1
+    for start in range(0, n, opts.prefill_step_size):
+        stop = min(start + opts.prefill_step_size, n)
+        lm(mx.array([token_ids[start:stop]]), cache=cache, input_embeddings=embeddings[None, start:stop])
+        maybe_quantize_kv_cache(cache, opts.quantized_kv_start, opts.kv_group_size, opts.kv_bits)
+        mx.eval([c.state for c in cache])
+
+
 def prefill(model, embeddings: mx.array, token_ids: Sequence[int], cache: List, opts: GenerationOptions,
             sampler: Callable, processors: List[Callable]):
     """Feed every prompt position but the last into CACHE (in prefill_step_size steps), then
@@ -298,12 +313,7 @@ def prefill(model, embeddings: mx.array, token_ids: Sequence[int], cache: List, 
 
     lm = model.language_model
     clock = Clock()
-    n = len(token_ids) - 1
-    for start in range(0, n, opts.prefill_step_size):
-        stop = min(start + opts.prefill_step_size, n)
-        lm(mx.array([token_ids[start:stop]]), cache=cache, input_embeddings=embeddings[None, start:stop])
-        maybe_quantize_kv_cache(cache, opts.quantized_kv_start, opts.kv_group_size, opts.kv_bits)
-        mx.eval([c.state for c in cache])
+    prefill_prompt(model, embeddings, token_ids, cache, opts)
     prefill_ms = clock.lap()
     with mx.stream(generation_stream):
         logits = lm(mx.array([token_ids[-1:]]), cache=cache, input_embeddings=embeddings[None, -1:])[:, -1, :]
