@@ -49,7 +49,7 @@ callable per row (a seed with one is refused).
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -376,6 +376,40 @@ class RunningBatch:
         )
 
 
+def as_completed(batch: RunningBatch, requests: Iterable[Tuple[object, tuple, dict]],
+                 refused: Optional[Callable[[object, InputError], None]] = None,
+                 ) -> Iterator[Tuple[object, GenerationResult]]:
+    """Feed REQUESTS, (key, args, kwargs) for `batch.add`, into BATCH as rows free up; yield
+    (key, result) as each request finishes. A request `add` refuses (bad input) goes to
+    REFUSED(key, error) when given; otherwise the InputError propagates."""
+    keys: Dict[int, object] = {}
+    responses: Dict[int, List[GenerationResponse]] = {}
+    requests = iter(requests)
+    while True:
+        # One batch's worth waiting beyond the decoding rows: enough for the next admission,
+        # and images are decoded only shortly before they are encoded.
+        while len(batch) < 2 * batch.max_batch_size:
+            request = next(requests, None)
+            if request is None:
+                break
+            key, args, kwargs = request
+            try:
+                handle = batch.add(*args, **kwargs)
+            except InputError as e:
+                if refused is None:
+                    raise
+                refused(key, e)
+                continue
+            keys[handle], responses[handle] = key, []
+        if not len(batch):
+            return
+        for handle, r in batch.step().items():
+            # (the raw vector per token would keep each step's whole batch of logits alive)
+            responses[handle].append(replace(r, logprobs=None))
+            if r.finish_reason:
+                yield keys.pop(handle), collect(iter(responses.pop(handle)))
+
+
 def batch_generate(
     model,
     processor,
@@ -402,22 +436,11 @@ def batch_generate(
     batch = RunningBatch(model, processor, max_batch_size=max_batch_size,
                          feature_cache=feature_cache, max_kv_size=options.get("max_kv_size"))
     mx.reset_peak_memory()
-    requests = iter(zip(prompts, images))
-    responses: Dict[int, List[GenerationResponse]] = {}
+    requests = ((i, (p, ims), options) for i, (p, ims) in enumerate(zip(prompts, images)))
+    results: List[Optional[GenerationResult]] = [None] * len(prompts)
     try:
-        while True:
-            # Keep one batch's worth waiting: enough for the next admission, and images are
-            # decoded only shortly before they are encoded.
-            while len(batch) < 2 * max_batch_size:
-                request = next(requests, None)
-                if request is None:
-                    break
-                responses[batch.add(*request, **options)] = []
-            if not len(batch):
-                break
-            for handle, r in batch.step().items():
-                # (the raw vector per token would keep each step's whole batch of logits alive)
-                responses[handle].append(replace(r, logprobs=None))
+        for i, result in as_completed(batch, requests):
+            results[i] = result
     finally:
         batch.close()
-    return [collect(iter(rs)) for rs in responses.values()]
+    return results
