@@ -46,7 +46,6 @@ kind), mix `max_kv_size` settings (one cache kind per batch), or key a custom `s
 callable per row (a seed with one is refused).
 """
 
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -59,17 +58,17 @@ from .generate import (
     GenerationResponse,
     GenerationResult,
     Prompt,
+    Request,
     _history_processors,
     _placeholder,
-    check_context,
     collect,
     context_length,
     image_features,
     prefill_prompt,
-    resolve_resolution,
+    prepare_request,
 )
-from .processing import DEFAULT_SYSTEM, ImageInput, InputError, to_pil
-from .timing import Clock, Timings, ms_since
+from .processing import ImageInput, InputError
+from .timing import Clock, Timings
 
 DEFAULT_MAX_BATCH_SIZE = 8  # rows decoded together; a 0.5B decoder's step on a CPU is memory-bound
 
@@ -132,14 +131,8 @@ class _Row:
     """One request, from `add` to its last response."""
 
     handle: int
-    ids: List[int]  # this turn's prompt, image slots as image_token_id
-    images: list  # decoded; encoded only when their slots are in `ids`
-    size: int
-    opts: GenerationOptions
-    timings: Timings
-    history: List[int]  # what `cache` holds before this turn; extended as generate does
+    request: Request  # checked and tokenized (generate.prepare_request)
     cache: Optional[List]  # the caller's KV cache (a conversation to continue), else None
-    n_image_tokens: int
     added: float  # perf_counter at add: the wait in the queue starts here
     uid: Optional[int] = None  # BatchGenerator's, once admitted
     recorded: List[mx.array] = field(default_factory=list)
@@ -184,58 +177,26 @@ class RunningBatch:
         """Requests not finished: waiting or decoding."""
         return len(self.waiting) + len(self.active)
 
-    def add(
-        self,
-        prompt: Prompt = None,
-        images: Optional[Sequence[ImageInput]] = None,
-        *,
-        prompt_cache: Optional[List] = None,
-        history: Optional[List[int]] = None,
-        system: Optional[str] = DEFAULT_SYSTEM,
-        resolution: Optional[int] = None,
-        max_pixels: Optional[int] = None,
-        load_ms: float = 0.0,
-        preprocess_ms: float = 0.0,
-        queue_ms: Optional[float] = None,
-        **options,
-    ) -> int:
-        """Queue one request; takes stream_generate's arguments (but feature_cache, which is the
-        batch's). Bad input raises here (InputError), before the request joins. PROMPT_CACHE and
-        HISTORY continue a conversation: the cache is prefilled in place, and once the answer is
-        done it holds the whole turn and HISTORY is extended by it, as stream_generate does."""
-        opts = GenerationOptions.from_kwargs(options, defaults=self.processor.generation_defaults)
+    def add(self, prompt: Prompt = None, images: Optional[Sequence[ImageInput]] = None, *,
+            prompt_cache: Optional[List] = None, history: Optional[List[int]] = None, **options) -> int:
+        """Queue one request; takes stream_generate's arguments (system, resolution, max_pixels,
+        load_ms, preprocess_ms, queue_ms and the GenerationOptions; feature_cache is the batch's).
+        Bad input raises here (InputError), before the request joins. PROMPT_CACHE and HISTORY
+        continue a conversation: the cache is prefilled in place, and once the answer is done
+        it holds the whole turn and HISTORY is extended by it, as stream_generate does."""
+        if history and prompt_cache is None:
+            raise InputError("a history needs the prompt_cache that holds it")
+        request = prepare_request(self.model, self.processor, prompt, images, history, **options)
+        opts = request.opts
         if opts.kv_bits is not None:
             raise InputError("kv_bits is not supported in a batch: mlx-lm's batch KV caches are not quantized")
         if opts.max_kv_size != self.max_kv_size:
             raise InputError(f"max_kv_size {opts.max_kv_size} differs from the batch's {self.max_kv_size}")
         row_sampler(opts)  # a seed with a custom sampler fails now, not at admission
-        size = resolve_resolution(self.processor, resolution)
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
-            images = [images]
-        t0 = time.perf_counter()
-        images = [to_pil(im, max_pixels=max_pixels) for im in images or []]
-        timings = Timings(load_ms=load_ms + ms_since(t0), preprocess_ms=preprocess_ms, queue_ms=queue_ms)
-        history = [] if history is None else history
-        if history and prompt_cache is None:
-            raise InputError("a history needs the prompt_cache that holds it")
-
-        clock = Clock()
-        if history:
-            ids = self.processor.follow_up_ids(prompt, history, size)
-        else:
-            ids = self.processor.prompt_ids(prompt, len(images), size, system)
-        if not ids:
-            raise InputError("the prompt is empty")
-        if ids[-1] == self.processor.image_token_id:
+        if request.ids[-1] == self.processor.image_token_id:
             raise InputError("the prompt ends on an image slot: its last position must be a token")
-        n_image_tokens = sum(t == self.processor.image_token_id for t in ids)
-        check_context(self.model, len(history) + len(ids), n_image_tokens)
-        timings.preprocess_ms += clock.lap()
-        if images and not n_image_tokens:  # their rows are in the prompt cache already
-            timings.feature_cache_hit = True
         self._handles += 1
-        self.waiting.append(_Row(self._handles, ids, images, size, opts, timings, history,
-                                 prompt_cache, n_image_tokens, time.perf_counter()))
+        self.waiting.append(_Row(self._handles, request, prompt_cache, time.perf_counter()))
         return self._handles
 
     def remove(self, handle: int) -> None:
@@ -251,7 +212,7 @@ class RunningBatch:
                 self.generator.remove([uid])
                 del self.active[uid]
                 if row.cache is not None:
-                    row.history.extend(row.ids[:-1])
+                    row.request.history.extend(row.request.ids[:-1])
                 return
 
     def step(self) -> Dict[int, GenerationResponse]:
@@ -279,7 +240,7 @@ class RunningBatch:
         rows, self.waiting = self.waiting[:free], self.waiting[free:]
         now = time.perf_counter()
         for row in rows:
-            row.timings.queue_ms = (row.timings.queue_ms or 0.0) + (now - row.added) * 1e3
+            row.request.timings.queue_ms = (row.request.timings.queue_ms or 0.0) + (now - row.added) * 1e3
         features = self._encode(rows)
         for row in rows:
             self._insert(row, features.get(row.handle))
@@ -289,11 +250,11 @@ class RunningBatch:
         `image_features` call on all of their images. Each row's timings get its share."""
         by_size: Dict[int, List[_Row]] = {}
         for row in rows:
-            if row.n_image_tokens:
-                by_size.setdefault(row.size, []).append(row)
+            if row.request.n_image_tokens:
+                by_size.setdefault(row.request.size, []).append(row)
         out = {}
         for size, group in by_size.items():
-            images = [im for row in group for im in row.images]
+            images = [im for row in group for im in row.request.images]
             shared = Timings()
             recorder = _RecordingCache(self.feature_cache)
             projected = image_features(self.model, images, size, recorder, shared)
@@ -302,10 +263,10 @@ class RunningBatch:
             rows_per_image = self.processor.tokens_per_image(size)
             start = 0
             for row in group:
-                n = len(row.images)
+                n = len(row.request.images)
                 own_missed = sum(missed[start:start + n])
                 share = own_missed / n_missed
-                t = row.timings
+                t = row.request.timings
                 t.preprocess_ms += shared.preprocess_ms * share  # the pixels
                 t.vision_ms = shared.vision_ms * share
                 t.batch_vision_ms = shared.vision_ms
@@ -320,27 +281,26 @@ class RunningBatch:
         last token and the cache to the BatchGenerator."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        model, opts, image_id = self.model, row.opts, self.processor.image_token_id
+        model, req, image_id = self.model, row.request, self.processor.image_token_id
         clock = Clock()
-        embeddings = model.embed(mx.array([row.ids]), features)[0]
+        embeddings = model.embed(mx.array([req.ids]), features)[0]
         mx.eval(embeddings)
-        row.timings.preprocess_ms += clock.lap()
+        req.timings.preprocess_ms += clock.lap()
         cache = row.cache if row.cache is not None else make_prompt_cache(
             model.language_model, max_kv_size=self.max_kv_size)
-        fed = [self.placeholder if t == image_id else t for t in row.ids]
-        prefill_prompt(model, embeddings, fed, cache, opts)
-        row.timings.prefill_ms = clock.lap()
+        fed = [self.placeholder if t == image_id else t for t in req.ids]
+        prefill_prompt(model, embeddings, fed, cache, req.opts)
+        req.timings.prefill_ms = clock.lap()
         # The processors see the whole history, as in generate: what the cache holds, then the
         # tokens mlx-lm feeds (from this turn's last prompt token on).
-        processors, row.recorded = _history_processors(
-            opts, mx.array([self.placeholder if t == image_id else t for t in row.history] + fed[:-1],
-                           dtype=mx.uint32))
+        history = [self.placeholder if t == image_id else t for t in req.history] + fed[:-1]
+        processors, row.recorded = _history_processors(req.opts, mx.array(history, dtype=mx.uint32))
         row.with_processors = bool(processors)
         limit = context_length(model)
-        max_tokens = (max(1, min(opts.max_tokens, limit - len(row.history) - len(row.ids)))
-                      if limit else opts.max_tokens)
+        max_tokens = (max(1, min(req.opts.max_tokens, limit - len(req.history) - len(req.ids)))
+                      if limit else req.opts.max_tokens)
         (row.uid,) = self.generator.insert(
-            [[fed[-1]]], max_tokens=[max_tokens], caches=[cache], samplers=[row_sampler(opts)],
+            [[fed[-1]]], max_tokens=[max_tokens], caches=[cache], samplers=[row_sampler(req.opts)],
             logits_processors=[processors], stop_sequences=[self.stop_sequences])
         row.detokenizer = self.processor.tokenizer.detokenizer  # a fresh copy
         row.t_prefilled = time.perf_counter()
@@ -351,11 +311,12 @@ class RunningBatch:
     def _respond(self, r) -> GenerationResponse:
         """As generate's `_decode` turns a generate_step token into a response."""
         row = self.active[r.uid]
+        req, t = row.request, row.request.timings
         token = int(r.token)
         raw = row.recorded.pop(0)[0] if row.with_processors else r.logprobs
         row.answer.append(token)
         n = len(row.answer)
-        now, t = time.perf_counter(), row.timings
+        now = time.perf_counter()
         if n == 1:
             t.first_token_ms, row.t_first = (now - row.t_prefilled) * 1e3, now
         else:
@@ -369,10 +330,10 @@ class RunningBatch:
             del self.active[r.uid]
             if row.cache is not None:  # the conversation's cache now holds the whole turn
                 row.cache[:] = r.prompt_cache
-                row.history.extend(row.ids + row.answer)
+                req.history.extend(req.ids + row.answer)
         return GenerationResponse(
-            row.detokenizer.last_segment, token, float(raw[token].item()), raw, len(row.ids),
-            row.n_image_tokens, n - eos, t, r.finish_reason, row.size,
+            row.detokenizer.last_segment, token, float(raw[token].item()), raw, len(req.ids),
+            req.n_image_tokens, n - eos, t, r.finish_reason, req.size,
         )
 
 

@@ -356,6 +356,50 @@ def _placeholder(model, image_token_id: int) -> int:
 # The public API
 
 
+@dataclass
+class Request:
+    """One request, checked and tokenized: what stream_generate (and a batch, batch.py) has
+    before the model runs."""
+
+    opts: GenerationOptions
+    size: int  # the resolution
+    images: list  # decoded
+    ids: List[int]  # this turn's prompt, image slots as image_token_id
+    history: List[int]  # what the prompt cache holds before this turn
+    n_image_tokens: int
+    timings: Timings  # load_ms, preprocess_ms (the template and tokens) and queue_ms so far
+
+
+def prepare_request(model, processor, prompt, images, history, *, system=DEFAULT_SYSTEM,
+                    resolution=None, max_pixels=None, load_ms=0.0, preprocess_ms=0.0, queue_ms=None,
+                    **options) -> Request:
+    """stream_generate's first part, with its arguments: the options and resolution, checked;
+    the images, decoded; the template and tokens; the context rule."""
+    opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults)
+    size = resolve_resolution(processor, resolution)
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
+        images = [images]
+    t0 = time.perf_counter()
+    images = [to_pil(im, max_pixels=max_pixels) for im in images or []]
+    timings = Timings(load_ms=load_ms + ms_since(t0), preprocess_ms=preprocess_ms, queue_ms=queue_ms)
+    history = [] if history is None else history
+
+    # -- preprocess: the template and tokens -------------------------------------------------
+    clock = Clock()
+    if history:
+        ids = processor.follow_up_ids(prompt, history, size)
+    else:
+        ids = processor.prompt_ids(prompt, len(images), size, system)
+    if not ids:
+        raise InputError("the prompt is empty")
+    n_image_tokens = sum(t == processor.image_token_id for t in ids)
+    check_context(model, len(history) + len(ids), n_image_tokens)
+    timings.preprocess_ms += clock.lap()
+    if images and not n_image_tokens:  # their rows are in the prompt cache already
+        timings.feature_cache_hit = True
+    return Request(opts, size, images, ids, history, n_image_tokens, timings)
+
+
 def stream_generate(
     model,
     processor,
@@ -392,37 +436,24 @@ def stream_generate(
     """
     from mlx_lm.models.cache import make_prompt_cache
 
-    opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults)
-    size = resolve_resolution(processor, resolution)
-    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
-        images = [images]
-    t0 = time.perf_counter()
-    images = [to_pil(im, max_pixels=max_pixels) for im in images or []]
-    timings = Timings(load_ms=load_ms + ms_since(t0), preprocess_ms=preprocess_ms, queue_ms=queue_ms)
-    history = [] if history is None else history
+    request = prepare_request(model, processor, prompt, images, history, system=system,
+                              resolution=resolution, max_pixels=max_pixels, load_ms=load_ms,
+                              preprocess_ms=preprocess_ms, queue_ms=queue_ms, **options)
+    opts, size, images, ids, history, timings = (
+        request.opts, request.size, request.images, request.ids, request.history, request.timings)
+    n_image_tokens = request.n_image_tokens
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(
         model.language_model, max_kv_size=opts.max_kv_size)
     if opts.seed is not None:
         mx.random.seed(opts.seed)
     mx.reset_peak_memory()
 
-    # -- preprocess: the template and tokens; then the images' features, then the splice -----
+    # -- the images' features, then the splice ------------------------------------------------
     clock = Clock()
-    if history:
-        ids = processor.follow_up_ids(prompt, history, size)
-    else:
-        ids = processor.prompt_ids(prompt, len(images), size, system)
-    if not ids:
-        raise InputError("the prompt is empty")
-    n_image_tokens = sum(t == processor.image_token_id for t in ids)
-    check_context(model, len(history) + len(ids), n_image_tokens)
-    timings.preprocess_ms += clock.lap()
     features = None
     if n_image_tokens:
         features = image_features(model, images, size, resolve_feature_cache(feature_cache, model), timings)
         clock.lap()
-    elif images:  # their rows are in the prompt cache already
-        timings.feature_cache_hit = True
     embeddings = model.embed(mx.array([ids]), features)[0]
     mx.eval(embeddings)
     timings.preprocess_ms += clock.lap()

@@ -6,13 +6,13 @@ timings per request with the shared encode split between them."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from PIL import Image
 
 import fastvlm_mlx
 from fastvlm_mlx import ChatSession, FeatureCache, RunningBatch, batch_generate
 from fastvlm_mlx.generate import generate, stream_generate
 from fastvlm_mlx.processing import InputError
 from reference import CountingTower
+from test_generate import write_png
 
 PROMPT = "What is in this picture?"
 N_TOKENS = 10
@@ -22,12 +22,6 @@ TOL = 1e-4
 # A batched and a solo run's logprobs differ by less than TOL, so their top-2 margins by less
 # than 2 * TOL: only candidates closer than that can trade places (a float32 near-tie).
 TIE = 2 * TOL
-
-
-def write_png(path, seed, size=(300, 200)):
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +171,12 @@ def test_one_vision_call_for_the_requests_admitted_together(tiny_loaded, images)
     assert all(g.timings is not h.timings for g, h in zip(got, got[1:]))
 
 
-def test_two_resolutions_two_vision_calls(tiny_loaded, images):
+def test_two_resolutions_two_vision_calls(tiny_loaded, images, monkeypatch):
+    import fastvlm_mlx.generate as generate_module
+
+    # The resolution warning is said once per process: a set of our own, so that this test
+    # sees it and the other tests' sets are left as they were.
+    monkeypatch.setattr(generate_module, "_WARNED_RESOLUTIONS", set())
     model, processor = tiny_loaded
     batch = RunningBatch(model, processor, feature_cache=False)
     with CountingTower(model) as tower, pytest.warns(UserWarning, match="resolution 192"):

@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+import test_generate
 from fastvlm_mlx.caption import RowWriter, find_images, read_rows
 from fastvlm_mlx.generate import generate
 
@@ -23,10 +22,8 @@ PROMPT = "What is in this picture?"
 
 
 def write_png(path, seed, size=(96, 64)):
-    rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
+    return test_generate.write_png(path, seed, size)
 
 
 def caption(*args, timeout=300, env=None):
