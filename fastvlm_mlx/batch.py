@@ -43,7 +43,9 @@ admitted after it in the same step and a batched decoder step.
 
 What a batch cannot do: quantize KV caches (`kv_bits`: mlx-lm's batch caches have no quantized
 kind), mix `max_kv_size` settings (one cache kind per batch), or key a custom `sampler`
-callable per row (a seed with one is refused).
+callable per row (a seed with one is refused). With `max_kv_size`, mlx-lm's batch rotating
+cache keeps no first tokens once the window is full (its solo one keeps 4), so a batched answer
+equals the solo one only while prompt and answer fit in the window.
 """
 
 import time
