@@ -314,6 +314,23 @@ def test_a_rotating_kv_cache_within_its_window_equals_the_solo_run(tiny_loaded, 
         RunningBatch(model, processor, max_kv_size=64).add(PROMPT, [images[0]], max_kv_size=128)
 
 
+def test_as_completed_yields_each_result_and_hands_refusals_over(tiny_loaded, images):
+    from fastvlm_mlx.batch import as_completed
+
+    model, processor = tiny_loaded
+    too_long = "The quick brown fox jumps over the lazy dog. " * 500
+    requests = [("a", (PROMPT, [images[0]]), dict(max_tokens=3)),
+                ("long", (too_long, [images[1]]), dict(max_tokens=3)),
+                ("b", ("Hello world", None), dict(max_tokens=5))]
+    refused = []
+    batch = RunningBatch(model, processor, max_batch_size=1, feature_cache=False)
+    done = dict(as_completed(batch, requests, refused=lambda key, e: refused.append((key, str(e)))))
+    assert sorted(done) == ["a", "b"] and [k for k, _ in refused] == ["long"] and "context" in refused[0][1]
+    assert_same_or_tie(done["b"], solo(model, processor, "Hello world", None, max_tokens=5))
+    with pytest.raises(InputError, match="context"):
+        list(as_completed(RunningBatch(model, processor), requests))
+
+
 def test_bad_requests_are_refused_at_add(tiny_loaded, images, tmp_path):
     model, processor = tiny_loaded
     batch = RunningBatch(model, processor)
