@@ -26,6 +26,7 @@ them to OUT, and the shards are removed once OUT holds them.
 """
 
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -232,6 +233,10 @@ def run_caption(args) -> int:
     rows = local_rows(out)
     done = {p for p, row in rows.items() if is_done(row, args.retry_errors)}
     if size > 1:
+        # The shares are cut from the list, so every rank must hold the same one.
+        listing = hashlib.sha256("\n".join(paths).encode()).digest()
+        if len(set(all_gather_bytes(listing, group))) > 1:
+            raise InputError("the ranks list different images: give every Mac the same files at the same paths")
         for blob in all_gather_bytes(json.dumps(sorted(done)).encode(), group):
             done.update(json.loads(blob))
     todo = [p for p in paths if p not in done]
