@@ -17,6 +17,7 @@ warnings.filterwarnings(
 )
 
 from . import convert, generate  # noqa: E402
+from .batch import RunningBatch, batch_generate  # noqa: E402
 from .chat import ChatSession  # noqa: E402
 from .feature_cache import FeatureCache  # noqa: E402
 from .generate import GenerationOptions, GenerationResponse, GenerationResult, stream_generate  # noqa: E402
@@ -25,7 +26,7 @@ from .model import Model  # noqa: E402
 from .timing import Timings  # noqa: E402
 
 __all__ = [
-    "load", "convert", "generate", "stream_generate", "ChatSession", "Model", "FeatureCache",
-    "Timings", "GenerationOptions", "GenerationResponse", "GenerationResult",
+    "load", "convert", "generate", "stream_generate", "batch_generate", "RunningBatch", "ChatSession",
+    "Model", "FeatureCache", "Timings", "GenerationOptions", "GenerationResponse", "GenerationResult",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ COMMANDS = {
     "convert": "convert",
     "benchmark": "benchmark",
     "verify": "verify",
+    "caption": "caption",
 }
 
 

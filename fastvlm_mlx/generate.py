@@ -282,6 +282,21 @@ def image_features(
     return projected
 
 
+def prefill_prompt(model, embeddings: mx.array, token_ids: Sequence[int], cache: List,
+                   opts: GenerationOptions) -> None:
+    """Feed every prompt position but the last into CACHE, in prefill_step_size steps, each
+    evaluated. (batch.py prefills this way and lets mlx-lm's BatchGenerator run the last one.)"""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+
+    lm = model.language_model
+    n = len(token_ids) - 1
+    for start in range(0, n, opts.prefill_step_size):
+        stop = min(start + opts.prefill_step_size, n)
+        lm(mx.array([token_ids[start:stop]]), cache=cache, input_embeddings=embeddings[None, start:stop])
+        maybe_quantize_kv_cache(cache, opts.quantized_kv_start, opts.kv_group_size, opts.kv_bits)
+        mx.eval([c.state for c in cache])
+
+
 def prefill(model, embeddings: mx.array, token_ids: Sequence[int], cache: List, opts: GenerationOptions,
             sampler: Callable, processors: List[Callable]):
     """Feed every prompt position but the last into CACHE (in prefill_step_size steps), then
@@ -300,12 +315,7 @@ def prefill(model, embeddings: mx.array, token_ids: Sequence[int], cache: List, 
 
     lm = model.language_model
     clock = Clock()
-    n = len(token_ids) - 1
-    for start in range(0, n, opts.prefill_step_size):
-        stop = min(start + opts.prefill_step_size, n)
-        lm(mx.array([token_ids[start:stop]]), cache=cache, input_embeddings=embeddings[None, start:stop])
-        maybe_quantize_kv_cache(cache, opts.quantized_kv_start, opts.kv_group_size, opts.kv_bits)
-        mx.eval([c.state for c in cache])
+    prefill_prompt(model, embeddings, token_ids, cache, opts)
     prefill_ms = clock.lap()
     with mx.stream(generation_stream):
         logits = lm(mx.array([token_ids[-1:]]), cache=cache, input_embeddings=embeddings[None, -1:])[:, -1, :]
@@ -348,6 +358,50 @@ def _placeholder(model, image_token_id: int) -> int:
 # The public API
 
 
+@dataclass
+class Request:
+    """One request, checked and tokenized: what stream_generate (and a batch, batch.py) has
+    before the model runs."""
+
+    opts: GenerationOptions
+    size: int  # the resolution
+    images: list  # decoded
+    ids: List[int]  # this turn's prompt, image slots as image_token_id
+    history: List[int]  # what the prompt cache holds before this turn
+    n_image_tokens: int
+    timings: Timings  # load_ms, preprocess_ms (the template and tokens) and queue_ms so far
+
+
+def prepare_request(model, processor, prompt, images, history, *, system=DEFAULT_SYSTEM,
+                    resolution=None, max_pixels=None, load_ms=0.0, preprocess_ms=0.0, queue_ms=None,
+                    **options) -> Request:
+    """stream_generate's first part, with its arguments: the options and resolution, checked;
+    the images, decoded; the template and tokens; the context rule."""
+    opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults)
+    size = resolve_resolution(processor, resolution)
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
+        images = [images]
+    t0 = time.perf_counter()
+    images = [to_pil(im, max_pixels=max_pixels) for im in images or []]
+    timings = Timings(load_ms=load_ms + ms_since(t0), preprocess_ms=preprocess_ms, queue_ms=queue_ms)
+    history = [] if history is None else history
+
+    # -- preprocess: the template and tokens -------------------------------------------------
+    clock = Clock()
+    if history:
+        ids = processor.follow_up_ids(prompt, history, size)
+    else:
+        ids = processor.prompt_ids(prompt, len(images), size, system)
+    if not ids:
+        raise InputError("the prompt is empty")
+    n_image_tokens = sum(t == processor.image_token_id for t in ids)
+    check_context(model, len(history) + len(ids), n_image_tokens)
+    timings.preprocess_ms += clock.lap()
+    if images and not n_image_tokens:  # their rows are in the prompt cache already
+        timings.feature_cache_hit = True
+    return Request(opts, size, images, ids, history, n_image_tokens, timings)
+
+
 def stream_generate(
     model,
     processor,
@@ -384,37 +438,24 @@ def stream_generate(
     """
     from mlx_lm.models.cache import make_prompt_cache
 
-    opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults)
-    size = resolve_resolution(processor, resolution)
-    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
-        images = [images]
-    t0 = time.perf_counter()
-    images = [to_pil(im, max_pixels=max_pixels) for im in images or []]
-    timings = Timings(load_ms=load_ms + ms_since(t0), preprocess_ms=preprocess_ms, queue_ms=queue_ms)
-    history = [] if history is None else history
+    request = prepare_request(model, processor, prompt, images, history, system=system,
+                              resolution=resolution, max_pixels=max_pixels, load_ms=load_ms,
+                              preprocess_ms=preprocess_ms, queue_ms=queue_ms, **options)
+    opts, size, images, ids, history, timings = (
+        request.opts, request.size, request.images, request.ids, request.history, request.timings)
+    n_image_tokens = request.n_image_tokens
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(
         model.language_model, max_kv_size=opts.max_kv_size)
     if opts.seed is not None:
         mx.random.seed(opts.seed)
     mx.reset_peak_memory()
 
-    # -- preprocess: the template and tokens; then the images' features, then the splice -----
+    # -- the images' features, then the splice ------------------------------------------------
     clock = Clock()
-    if history:
-        ids = processor.follow_up_ids(prompt, history, size)
-    else:
-        ids = processor.prompt_ids(prompt, len(images), size, system)
-    if not ids:
-        raise InputError("the prompt is empty")
-    n_image_tokens = sum(t == processor.image_token_id for t in ids)
-    check_context(model, len(history) + len(ids), n_image_tokens)
-    timings.preprocess_ms += clock.lap()
     features = None
     if n_image_tokens:
         features = image_features(model, images, size, resolve_feature_cache(feature_cache, model), timings)
         clock.lap()
-    elif images:  # their rows are in the prompt cache already
-        timings.feature_cache_hit = True
     embeddings = model.embed(mx.array([ids]), features)[0]
     mx.eval(embeddings)
     timings.preprocess_ms += clock.lap()

@@ -27,6 +27,9 @@ class Timings:
     peak_memory_gb: float = 0.0
     feature_cache_hit: bool = False
     queue_ms: Optional[float] = None  # the server only: the wait before the model was free
+    # Batched requests only (batch.py): the whole batch's vision-tower call, of which
+    # `vision_ms` is this request's share.
+    batch_vision_ms: Optional[float] = None
 
     @property
     def ttft_ms(self) -> float:
@@ -35,8 +38,9 @@ class Timings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["queue_ms"] is None:
-            del d["queue_ms"]
+        for optional in ("queue_ms", "batch_vision_ms"):
+            if d[optional] is None:
+                del d[optional]
         d["ttft_ms"] = self.ttft_ms
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
 
