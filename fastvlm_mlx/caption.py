@@ -36,6 +36,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 from . import _cli
 from .generate import DEFAULT_MAX_TOKENS
+from .loader import load, runtime_dtype
 from .processing import DEFAULT_PROMPT, DEFAULT_SYSTEM, InputError, to_pil
 from .timing import ms_since
 
@@ -247,7 +248,7 @@ def run_caption(args) -> int:
 
     model = processor = None
     if mine:
-        model, processor = _cli.load_model(args)
+        model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
     writer = RowWriter(out if size == 1 else shard_path(out, rank))
     try:
         with progress_bar(len(mine), enabled=rank == 0 and not args.quiet) as bar:

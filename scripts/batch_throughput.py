@@ -1,7 +1,7 @@
 """Aggregate completion tokens/s of `batch_generate` at several batch sizes (BENCHMARKS.md,
 "Batched generation").
 
-A random FastVLM with the real FastViTHD and a decoder of Qwen2-0.5B's shape (benchmark.py's
+A random FastVLM with the real FastViTHD and a decoder of Qwen2-0.5B's shape (random_model.py's
 `random_model`), float32; each request a different 256 px image (decoded arrays, feature cache
 off, so every image is encoded) and the same question; greedy, EOS masked so that every request
 decodes exactly --tokens tokens. Each batch size runs all of its requests at once and is timed
@@ -18,7 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 from fastvlm_mlx.batch import batch_generate
-from fastvlm_mlx.benchmark import no_eos_greedy, random_model
+from fastvlm_mlx.peers import no_eos_greedy
+from fastvlm_mlx.random_model import random_model
 from fastvlm_mlx.generate import generate
 
 QUESTION = "Describe the image in detail"

@@ -11,7 +11,7 @@ import pytest
 import fastvlm_mlx
 
 PACKAGE = Path(fastvlm_mlx.__file__).parent
-COMMANDS = ("generate", "chat", "server", "convert", "benchmark", "verify")
+COMMANDS = ("generate", "chat", "server", "convert", "benchmark", "verify", "caption")
 
 
 def test_submodules_are_modules_and_the_api_is_exported():
