@@ -103,6 +103,13 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
                    "MLX runs on the CPU, whose half-precision matmul is slow)")
 
 
+def add_temperature_arg(p: argparse.ArgumentParser, dest: str = "temp", default=None,
+                        when: str = "") -> None:
+    p.add_argument("--temp", "--temperature", dest=dest, type=float, default=default,
+                   help=f"sampling temperature{when}; 0 is greedy (default: the model's "
+                   "generation_config.json, else 0)")
+
+
 def add_resolution_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="image resolution, a multiple of 64 (default: the model's trained size)")
@@ -111,6 +118,13 @@ def add_resolution_arg(p: argparse.ArgumentParser) -> None:
 def add_max_pixels_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=positive(int), default=None,
                    help="refuse images with more pixels (default 100M, or $FASTVLM_MAX_PIXELS)")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """How the model runs on images: --resolution, --max-pixels, --dtype."""
+    add_resolution_arg(p)
+    add_max_pixels_arg(p)
+    add_dtype_arg(p)
 
 
 def add_kv_args(p: argparse.ArgumentParser) -> None:

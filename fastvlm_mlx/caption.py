@@ -308,13 +308,9 @@ def build_parser():
     p.add_argument("--max-tokens", "-m", type=_cli.positive(int), default=DEFAULT_MAX_TOKENS)
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images decoded together (rows of the batch)")
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None,
-                   help="sampling temperature; 0 is greedy (default: the model's "
-                   "generation_config.json, else 0)")
+    _cli.add_temperature_arg(p)
     p.add_argument("--seed", type=int, default=None, help="each image's sampling seed")
-    _cli.add_resolution_arg(p)
-    _cli.add_max_pixels_arg(p)
-    _cli.add_dtype_arg(p)
+    _cli.add_run_args(p)
     p.add_argument("--retry-errors", action="store_true", help="caption again the paths with an error row")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     return p

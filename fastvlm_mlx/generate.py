@@ -547,19 +547,15 @@ def build_parser():
     p.add_argument("--prompt", default=None, help=f'the question (default "{DEFAULT_PROMPT}")')
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system message")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None,
-                   help="sampling temperature; 0 is greedy (default: the model's "
-                   "generation_config.json, else 0)")
+    _cli.add_temperature_arg(p)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--seed", type=int, default=None)
-    _cli.add_resolution_arg(p)
+    _cli.add_run_args(p)
     _cli.add_kv_args(p)
-    _cli.add_max_pixels_arg(p)
-    _cli.add_dtype_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     p.add_argument("--quiet", "-q", action="store_true", help="no stats block")
     return p

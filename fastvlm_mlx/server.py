@@ -614,14 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's id in the API (default: --model)")
     p.add_argument("--max-tokens", "-m", type=positive(int), default=d.max_tokens,
                    help="when the request gives none")
-    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=d.temperature,
-                   help="when the request gives none; 0 is greedy (default: the model's "
-                   "generation_config.json, else 0)")
+    _cli.add_temperature_arg(p, dest="temperature", default=d.temperature,
+                             when=" when the request gives none")
     p.add_argument("--top-p", type=float, default=d.top_p, help="when the request gives none")
     p.add_argument("--system", default=d.system, help="system message when the request has none")
-    _cli.add_resolution_arg(p)
-    _cli.add_dtype_arg(p)
-    _cli.add_max_pixels_arg(p)
+    _cli.add_run_args(p)
     p.add_argument("--max-url-bytes", type=positive(int), default=None,
                    help="refuse image URLs with larger bodies (default 50 MiB, or $FASTVLM_MAX_URL_BYTES)")
     p.add_argument("--url-timeout", type=positive(float), default=None,
