@@ -43,7 +43,7 @@ def check_resolution(size: int, stride: int = 64) -> int:
 # Settings with sane defaults; tests and apps lower them (argument, or environment variable).
 DEFAULT_MAX_PIXELS = 100_000_000  # a decoded image above this is refused (decompression bombs)
 DEFAULT_MAX_URL_BYTES = 50 * 2**20  # an image URL's body above this is refused
-DEFAULT_URL_TIMEOUT = 15.0  # seconds, for connecting and for each read
+DEFAULT_URL_TIMEOUT = 15.0  # seconds per image URL, everything included (connect, redirects, body)
 
 
 def _setting(value, env: str, default, cast):
@@ -74,30 +74,13 @@ def is_url(image) -> bool:
     return isinstance(image, str) and image.lower().startswith(("http://", "https://"))
 
 
-def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int] = None) -> bytes:
-    """GET an http(s) URL with a timeout and a cap on the body size."""
-    import urllib.error
-    import urllib.request
+def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int] = None,
+              allow_private: bool = True, cancel=None) -> bytes:
+    """GET an http(s) URL within a total deadline, with a cap on the body size (the settings
+    above when not given); see fetch.fetch_url for ALLOW_PRIVATE and CANCEL."""
+    from .fetch import fetch_url as get
 
-    timeout, max_bytes = url_timeout(timeout), url_byte_cap(max_bytes)
-    request = urllib.request.Request(url, headers={"User-Agent": "fastvlm-mlx"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise InputError(f"image URL {url} is {int(length)} bytes, over the cap of {max_bytes}")
-            data = response.read(max_bytes + 1)
-    except InputError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise InputError(f"cannot fetch image URL {url}: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise InputError(f"cannot fetch image URL {url}: {e.reason}") from None
-    except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
-        raise InputError(f"cannot fetch image URL {url}: {e or type(e).__name__}") from None
-    if len(data) > max_bytes:
-        raise InputError(f"image URL {url} is over the cap of {max_bytes} bytes")
-    return data
+    return get(url, url_timeout(timeout), url_byte_cap(max_bytes), allow_private, cancel)
 
 
 def _open(source, name: str, cap: int) -> Image.Image:
