@@ -198,7 +198,7 @@ class Engine:
     def __init__(self, model, processor, settings: Optional[EngineSettings] = None):
         self.model, self.processor = model, processor
         self.settings = settings = settings or EngineSettings()
-        self.resolution = resolve_resolution(processor, settings.resolution)
+        self.resolution = resolve_resolution(model, processor, settings.resolution)
         GenerationOptions.from_kwargs(settings.cache_options())  # a bad combination fails at start
         self.feature_cache = default_feature_cache(model)
         self.sessions = SessionCache(settings.prompt_cache_size, settings.prompt_cache_bytes)

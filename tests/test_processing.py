@@ -3,6 +3,8 @@ rules (EXIF, transparency, bit depth, every mode) pinned by pixel values."""
 
 import http.server
 import io
+import os
+import socket
 import struct
 import threading
 import time
@@ -93,6 +95,24 @@ def test_a_url_fetch_has_a_total_deadline(monkeypatch):
             assert time.monotonic() - t0 < 2.5, how
     finally:
         web.close()
+
+
+def test_paths_that_are_not_image_files_say_what_they_are(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "sock"))
+    try:
+        for path, words in [(fifo, "named pipe (FIFO)"), ("/dev/zero", "a device"),
+                            (tmp_path, "a directory"), (loop, "symlink loop"),
+                            (tmp_path / "sock", "a socket"), (tmp_path / "nope.png", "not found")]:
+            with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+                to_pil(path)
+    finally:
+        listening.close()
 
 
 def test_bad_files(tmp_path):
