@@ -381,6 +381,14 @@ def prefill(model, embeddings: mx.array, token_ids: Sequence[int], cache: List, 
     return int(token.item()), logprobs[0], prefill_ms, clock.lap()
 
 
+def fresh_random_state() -> None:
+    """Reseed MLX's global random state from fresh entropy. mlx-lm's samplers are compiled with
+    that state as an input and output; one that raises while being traced (mlx-lm's top-k on a
+    k it refuses) leaves the state an array without a primitive, and every later unseeded sample
+    fails ("Attempting to eval an array without a primitive") until something reseeds it."""
+    mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def _history_processors(opts: GenerationOptions, history: mx.array):
     """The logits processors, each seeing the whole HISTORY before what generate_step feeds it
     (generate_step's processors see only the tokens it was given), and a first one that records
