@@ -4,6 +4,7 @@ sequences, logprobs, concurrency, KV/feature reuse across turns, every bad reque
 the bounded queue, and the CLI."""
 
 import base64
+import collections
 import concurrent.futures
 import functools
 import http.server
@@ -858,3 +859,98 @@ def test_cli_bad_input_is_one_line(args, code, needle, tiny_converted):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
     assert p.stdout == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# A property-based fuzz of the request schema
+
+
+def fuzzed_requests():
+    """Request bodies near the schema and far from it: every field with good values, values of
+    the wrong type or range, NaN and infinities, lone surrogates, deep and odd JSON."""
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(codec=None), max_size=12)  # lone surrogates included
+    junk = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+        max_leaves=8)
+    small_int = st.integers(-3, 3) | st.sampled_from([2**63, 2**64, -(2**70)])
+    number = st.floats(allow_nan=True, allow_infinity=True) | small_int
+    image_url = st.sampled_from([
+        data_url(tiny_png()), "data:image/png;base64,@@@", "data:,", "", "ftp://127.0.0.1/x.png",
+        f"http://127.0.0.1:{closed_port()}/x.png", "file:///etc/passwd", "/etc/passwd",
+        "http://169.254.169.254/", "<image>"]) | text
+    part = st.one_of(
+        st.fixed_dictionaries({"type": st.just("text"), "text": text | junk}),
+        st.fixed_dictionaries({"type": st.just("image_url"),
+                               "image_url": st.fixed_dictionaries({"url": image_url}) | image_url | junk}),
+        st.fixed_dictionaries({"type": text | junk}), junk)
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "developer", "assistant", "tool", ""]) | junk},
+        optional={"content": text | st.lists(part, max_size=3) | st.none() | junk})
+    fields = {
+        "model": text | junk, "max_tokens": small_int | junk, "max_completion_tokens": small_int,
+        "temperature": number | junk, "top_p": number, "top_k": small_int | st.just(10**6),
+        "min_p": number, "repetition_penalty": number, "seed": small_int | junk,
+        "stop": text | st.lists(text, max_size=20) | junk, "stream": st.booleans() | junk,
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | junk}) | junk,
+        "n": small_int, "logprobs": st.booleans() | junk, "top_logprobs": small_int | st.just(21),
+        "logit_bias": st.dictionaries(st.integers(-5, 10**6).map(str) | text, number, max_size=3) | junk,
+    }
+    body = st.fixed_dictionaries(
+        {"messages": st.lists(message, max_size=3) | junk}, optional=fields)
+    good_part = st.fixed_dictionaries({"type": st.just("text"), "text": text}) | st.just(
+        {"type": "image_url", "image_url": {"url": data_url(tiny_png())}})
+    good_fields = {
+        "max_tokens": st.integers(1, 3), "temperature": st.floats(0, 3), "top_p": st.floats(0.01, 1),
+        "top_k": st.integers(0, 50), "min_p": st.floats(0, 1), "repetition_penalty": st.floats(0.1, 3),
+        "seed": st.integers(0, 2**64 - 1), "stop": st.lists(text, max_size=3), "stream": st.booleans(),
+        "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20),
+        "logit_bias": st.dictionaries(st.integers(0, 300).map(str), st.floats(-100, 100), max_size=3),
+    }
+    near_good = st.fixed_dictionaries(
+        {"messages": st.lists(st.fixed_dictionaries(
+            {"role": st.just("user"), "content": text | st.lists(good_part, min_size=1, max_size=2)}),
+            min_size=1, max_size=2)},
+        optional={**good_fields, **{k: fields[k] for k in ("top_k", "seed", "stop")}})
+    return near_good | body | junk
+
+
+def test_fuzzed_requests_get_answers_or_4xx_never_a_500(tiny_loaded):
+    """At most a minute of requests (hypothesis, a fixed seed): each gets a 200 or a JSON 4xx,
+    never a 500, and the server answers a good request afterwards."""
+    from hypothesis import HealthCheck, given, settings
+
+    model, processor = tiny_loaded
+    server = LiveServer(create_app(model, processor, model_id="tiny", max_tokens=2, max_images=2,
+                                   max_body_bytes=2**18, queue_timeout=30, url_timeout=2))
+    started = time.monotonic()
+    statuses = collections.Counter()
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(fuzzed_requests())
+    def answered(body):
+        if time.monotonic() - started > 50:  # the minute's budget, setup included, is spent
+            return
+        content = json.dumps(body).encode()  # NaN and Infinity as Python's json writes them
+        r = httpx.post(server.url + "/v1/chat/completions", content=content, headers=JSON, timeout=60)
+        statuses[r.status_code] += 1
+        assert r.status_code in (200, 400, 413), (r.status_code, r.text[:500], body)
+        if r.status_code != 200:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            assert r.text.rstrip().endswith("data: [DONE]"), r.text[-300:]
+        else:
+            assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+    try:
+        answered()
+        assert statuses[200] and statuses[400], statuses  # both sides of the schema were reached
+        ok = httpx.post(server.url + "/v1/chat/completions", headers=JSON, timeout=60,
+                        json={"messages": [user("hi")]})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert server.idle()
+    finally:
+        server.close()
