@@ -3,7 +3,9 @@
 - Usage errors: one `error: ...` line and exit 2 (no argparse usage block); `--help` shows every
   default.
 - Any other failure: one `error: ...` line on stderr and exit 1 (never a traceback); Ctrl+C is
-  130; a closed stdout ends quietly with 1.
+  130; a reader that goes away (`| head`) ends it quietly with 1.
+- A closed stdin or stderr (`0<&-`) is read as /dev/null; a closed stdout (`>&-`) is an error
+  for the tools whose output is their product.
 - Warnings print as one `warning: ...` line.
 - The flags several tools share (model, dtype, resolution, max pixels, mlx-lm's KV-cache flags)
   are defined here once.
@@ -51,9 +53,38 @@ def install_warning_hook() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _open_standard_streams() -> bool:
+    """Put /dev/null on each closed standard descriptor, so that no file opened later takes its
+    number (MLX refuses to read a model file that got descriptor 0); returns whether stdout
+    was open."""
+    was_open = {}
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        was_open[fd] = _is_open(fd)
+        if not was_open[fd]:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))
+    return was_open[1]
+
+
+def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+        needs_stdout: bool = True) -> int:
     """Run a tool's body under the policy above; returns its exit code."""
     install_warning_hook()
+    if not _open_standard_streams() and needs_stdout:
+        print_error("standard output is closed (>&-): there is nowhere to write the output; "
+                    "send it to /dev/null if it is not wanted")
+        return EXIT_ERROR
     try:
         return main(args)
     except KeyboardInterrupt:
@@ -115,24 +146,25 @@ def add_resolution_arg(p: argparse.ArgumentParser) -> None:
                    help="image resolution, a multiple of 64 (default: the model's trained size)")
 
 
-def add_max_pixels_arg(p: argparse.ArgumentParser) -> None:
+def add_max_pixels_arg(p: argparse.ArgumentParser, default_text: str = "100M") -> None:
     p.add_argument("--max-pixels", type=positive(int), default=None,
-                   help="refuse images with more pixels (default 100M, or $FASTVLM_MAX_PIXELS)")
+                   help=f"refuse images with more pixels (default {default_text}, or $FASTVLM_MAX_PIXELS)")
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser, max_pixels_text: str = "100M") -> None:
     """How the model runs on images: --resolution, --max-pixels, --dtype."""
     add_resolution_arg(p)
-    add_max_pixels_arg(p)
+    add_max_pixels_arg(p, max_pixels_text)
     add_dtype_arg(p)
 
 
 def add_kv_args(p: argparse.ArgumentParser) -> None:
     """mlx-lm's KV-cache flags, passed straight through."""
     g = p.add_argument_group("KV cache (mlx-lm's flags)")
-    g.add_argument("--max-kv-size", type=positive(int), default=None,
+    # (their ranges are checked with the sampling options, by GenerationOptions.check)
+    g.add_argument("--max-kv-size", type=int, default=None,
                    help="a rotating KV cache of this many tokens")
-    g.add_argument("--prefill-step-size", type=positive(int), default=2048,
+    g.add_argument("--prefill-step-size", type=int, default=2048,
                    help="prompt positions prefilled per step")
     g.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to these bits")
     g.add_argument("--kv-group-size", type=int, default=64, help="group size of KV quantization")
@@ -146,10 +178,11 @@ def kv_options(args: argparse.Namespace) -> dict:
                 quantized_kv_start=args.quantized_kv_start)
 
 
-def main_of(build_parser: Callable[[], argparse.ArgumentParser], body: Callable) -> Callable:
+def main_of(build_parser: Callable[[], argparse.ArgumentParser], body: Callable,
+            needs_stdout: bool = True) -> Callable:
     """A console-script entry point: parse ARGV with BUILD_PARSER, run BODY under the policy."""
 
     def main(argv: Optional[Sequence[str]] = None) -> int:
-        return run(body, build_parser().parse_args(argv))
+        return run(body, build_parser().parse_args(argv), needs_stdout)
 
     return main

@@ -53,8 +53,9 @@ class ChatSession:
         self.model, self.processor, self.system = model, processor, system
         self.feature_cache = feature_cache
         # Checked now, so that a bad option fails before the first turn.
-        self.options = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults)
-        self.resolution = resolve_resolution(processor, resolution)
+        self.options = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults,
+                                                     vocab_size=model.vocab_size)
+        self.resolution = resolve_resolution(model, processor, resolution)
         t0 = time.perf_counter()  # image decoding is outside TTFT
         self.images = [to_pil(im, max_pixels=max_pixels) for im in images or []]
         self.load_ms = ms_since(t0)
@@ -151,12 +152,13 @@ def _read_prompt(interactive: bool) -> Optional[str]:
 
 def run_chat(args) -> int:
     """The REPL: the first prompt from --prompt (if given), then one turn per line of stdin."""
+    options = generation_options(args)
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=args.max_pixels) for im in args.image]
     load_ms = ms_since(t0)
     model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
     session = ChatSession(model, processor, images, system=args.system, resolution=args.resolution,
-                          **generation_options(args))
+                          **options)
     session.load_ms += load_ms  # the images were decoded before the model loaded
     interactive = sys.stdin is not None and sys.stdin.isatty()
     prompt = args.prompt

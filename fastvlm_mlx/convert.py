@@ -3,10 +3,15 @@
     python -m fastvlm_mlx.convert --model SRC --out DST [--dtype float16] [-q --q-bits 4] [--force]
 
 The layout is detected from the tensors' names, never from the directory's name. The output is
-written to a temporary directory beside DST and renamed into place, so an interrupted run leaves
-nothing half-made.
+written to a hidden directory beside DST and put in its place in one step, so that a run killed at
+any point leaves DST as it was or complete. An existing DST is replaced only when it is empty or
+holds a converted model and nothing else (with --force); anything else there is never deleted.
 """
 
+import ctypes
+import errno
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,6 +31,7 @@ from .checkpoint import (
     source_layout,
 )
 from .config import DTYPES
+from .loader import is_converted
 from .model import Model, build_model
 from .weights import WeightError, cast_floating, sanitize
 
@@ -76,9 +82,8 @@ def convert(
     """Convert SRC (directory or hub id) into the fastvlm_mlx directory DST; returns DST."""
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r} (float16, bfloat16 or float32)")
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise ConvertError(f"{dst} exists and is not empty: pass --force to replace it")
+    dst = destination(dst, force)
+    remove_leftovers(dst)  # before the conversion, which may need their space
     src = resolve_source(src)
     check_source(src)
     raw = read_source_weights(src)
@@ -100,24 +105,145 @@ def convert(
     if quantize:
         out_config = quantize_model(model, out_config, q_bits, q_group_size)
     mx.eval(model.parameters())
-    write_atomically(dst, lambda tmp: save_converted(tmp, model, out_config, src))
+    write_atomically(dst, lambda tmp: save_converted(tmp, model, out_config, src), force)
     return dst
 
 
-def write_atomically(dst: Path, write) -> None:
-    """`write(tmp)` into a temporary directory beside DST, then rename it into place."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    old = dst.with_name(f".{dst.name}.old")
+# -- the destination: checked, replaced in one step, leftovers of killed runs removed ----------
+
+
+def _written_by_conversion(name: str) -> bool:
+    """Whether NAME is a file a conversion writes (save_converted)."""
+    return (name in ("config.json", "model.safetensors.index.json") or name in TOKENIZER_FILES
+            or re.fullmatch(r"model.*\.safetensors", name) is not None)
+
+
+def destination(dst, force: bool = False) -> Path:
+    """The directory to write for --out DST, checked. A symlink is written through (its target
+    is replaced, the link stays). Refused: a file; the current directory or one holding it;
+    without FORCE anything not empty; with FORCE anything but a converted model (files a
+    conversion does not write are never deleted)."""
+    given = Path(dst).expanduser()
     try:
-        write(tmp)
-        if dst.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        dst = given.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise ConvertError(f"--out {given} cannot be resolved: {e}") from None
+    cwd = Path.cwd().resolve()
+    if dst == cwd or dst in cwd.parents:
+        raise ConvertError(f"--out {given} is the current directory or holds it, and the output "
+                           "replaces --out as a whole: name a directory to create, such as --out mlx/model")
+    if not dst.exists():
+        return dst
+    if not dst.is_dir():
+        raise ConvertError(f"--out {given} exists and is not a directory: refusing to replace it")
+    names = sorted(p.name for p in dst.iterdir())
+    if not names:
+        return dst
+    if not force:
+        raise ConvertError(f"{given} exists and is not empty: pass --force to replace it")
+    foreign = [n for n in names if not _written_by_conversion(n)]
+    if foreign:
+        raise ConvertError(f"{given} holds files a conversion does not write ({', '.join(foreign[:3])}"
+                           f"{', ...' if len(foreign) > 3 else ''}): --force replaces only a converted "
+                           "model, so move them or choose another --out")
+    if not is_converted(dst):
+        raise ConvertError(f"{given} holds no converted model (its config.json is not ours): "
+                           "--force replaces only a converted model")
+    return dst
+
+
+_LEFTOVER = r"\.{name}\.(tmp|old)(?:-(\d+)-[^/]*|-[^/]*)?"
+
+
+def _process_alive(pid: Optional[str]) -> bool:
+    if pid is None:  # (named by an older version, without its PID)
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_leftovers(dst: Path) -> None:
+    """Delete the hidden `.NAME.tmp-PID-*` (and `.NAME.old-PID-*`) beside DST of runs that were
+    killed (PID no longer running); a run killed between the two renames of the fallback below
+    left DST absent and its old copy aside: that copy is put back first."""
+    if not dst.parent.is_dir():
+        return
+    pattern = re.compile(_LEFTOVER.format(name=re.escape(dst.name)))
+    stale = []
+    for path in dst.parent.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m and not _process_alive(m.group(2)):
+            stale.append((m.group(1), path))
+    for kind, path in stale:
+        if kind == "old" and not os.path.lexists(dst) and path.is_dir():
+            path.rename(dst)
+        else:
+            _remove(path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths A and B in one step (renameat2 RENAME_EXCHANGE on Linux, renamex_np
+    RENAME_SWAP on macOS); False where the system or the file system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    old, new = os.fsencode(a), os.fsencode(b)
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        at_fdcwd, rename_exchange = -100, 2
+        failed = libc.renameat2(at_fdcwd, old, at_fdcwd, new, rename_exchange)
+    elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        rename_swap = 2
+        failed = libc.renamex_np(old, new, rename_swap)
+    else:
+        return False
+    if not failed:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def write_atomically(dst: Path, write, force: bool = True) -> None:
+    """`write(tmp)` into a hidden directory beside DST (checked by `destination`, with FORCE),
+    then put it in DST's place in one step:
+    a rename when DST is absent, else an exchange of the two, after which the old one (now at the
+    temporary name) is deleted. Wherever the process dies, DST is as it was or complete. Without
+    an exchange (another system), DST is renamed aside first, and a run killed between the two
+    renames leaves it aside, where the next run puts it back."""
+    dst = destination(dst, force)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dst)
+    prefix = f".{dst.name}.tmp-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+    try:
+        try:
+            write(tmp)
+        except (OSError, RuntimeError) as e:  # mlx's writer raises RuntimeError("[write] ...")
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConvertError(f"cannot write the converted model in {dst.parent}: {reason} "
+                               "(is the disk full?)") from None
+        destination(dst, force)  # as checked before the conversion: nothing else came there since
+        if not os.path.lexists(dst):
+            tmp.rename(dst)
+        elif not _exchange(tmp, dst):
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{os.getpid()}-", dir=dst.parent))
+            old.rmdir()
             dst.rename(old)
-        tmp.rename(dst)
+            tmp.rename(dst)
+            _remove(old)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(tmp)  # the old model after an exchange; the half-written one after a failure
 
 
 def build_parser():
@@ -133,7 +259,8 @@ def build_parser():
                    help="bits per quantized weight (default 4; implies -q)")
     p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64,
                    help="quantization group size")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out that holds a converted model (and nothing else)")
     return p
 
 
@@ -146,7 +273,9 @@ def run_cli(a) -> int:
     return 0
 
 
-main = _cli.main_of(build_parser, run_cli)
+# The one CLI policy: every failure (a refused source, a refused pickle's many lines, a full
+# disk) is one `error:` line.
+main = _cli.main_of(build_parser, run_cli, needs_stdout=False)
 make_callable(__name__)  # fastvlm_mlx.convert(...) calls convert()
 
 

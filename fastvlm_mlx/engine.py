@@ -18,7 +18,14 @@ from typing import List, Optional, Sequence, Tuple
 
 from .chat import ChatSession
 from .feature_cache import default_feature_cache
-from .generate import GenerationOptions, resolve_resolution
+from .generate import (
+    ContextLengthError,
+    GenerationOptions,
+    check_context,
+    context_length,
+    fresh_random_state,
+    resolve_resolution,
+)
 from .processing import InputError
 from .timing import ms_since
 
@@ -34,7 +41,11 @@ class EngineBusy(EngineError):
 
 
 class EngineStopped(EngineError):
-    """The worker is not running (shutting down, or never started)."""
+    """The worker is not running (stopped, or never started)."""
+
+
+class EngineShuttingDown(EngineStopped):
+    """The server is shutting down: waiting jobs are refused, the running one ends early."""
 
 
 class GenerationFailed(EngineError):
@@ -53,11 +64,20 @@ class EngineSettings:
     kv_bits: Optional[int] = None
     kv_group_size: int = 64
     quantized_kv_start: int = 5000
+    # Prompt text longer than this is refused before it is tokenized (tokenizing megabytes takes
+    # seconds that nothing can interrupt); default: CHARS_PER_TOKEN_BOUND x the context.
+    max_prompt_chars: Optional[int] = None
 
     def cache_options(self) -> dict:
         return dict(max_kv_size=self.max_kv_size, prefill_step_size=self.prefill_step_size,
                     kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
                     quantized_kv_start=self.quantized_kv_start)
+
+
+# No tokenizer packs more characters than this into one token on text that fits the context
+# (English runs at ~4), so a prompt over this many characters per context token cannot fit.
+CHARS_PER_TOKEN_BOUND = 16
+MAX_PROMPT_CHARS_UNBOUNDED = 2**20  # for a model without a context limit
 
 
 class StopText:
@@ -98,20 +118,22 @@ class Job:
     """One request's work for the worker, and the channel back to its handler (an asyncio
     queue fed from the worker thread).
 
-    prompt_text: the templated conversation (with `<image>` markers); images: decoded images
-    and their digests; load_ms: the time spent decoding them; sampling: stream_generate's
-    sampling options; logprobs, top_logprobs: what to report per token.
+    prompt_ids: the templated conversation's ids, image slots included (`Engine.tokenize`);
+    images: decoded images and their digests; load_ms, preprocess_ms: the time spent decoding
+    them and tokenizing; sampling: stream_generate's sampling options; logprobs, top_logprobs:
+    what to report per token.
     """
 
-    def __init__(self, loop, prompt_text: str, images: Sequence, digests: Sequence[str],
+    def __init__(self, loop, prompt_ids: List[int], images: Sequence, digests: Sequence[str],
                  load_ms: float, sampling: dict, max_tokens: int, stops: List[str],
-                 logprobs: bool = False, top_logprobs: int = 0):
+                 logprobs: bool = False, top_logprobs: int = 0, preprocess_ms: float = 0.0):
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.started = asyncio.Event()
         self.cancelled = threading.Event()
         self.state = "queued"  # -> running | abandoned; guarded by the engine's lock
-        self.prompt_text, self.images, self.digests, self.load_ms = prompt_text, images, digests, load_ms
+        self.prompt_ids, self.images, self.digests = prompt_ids, images, digests
+        self.load_ms, self.preprocess_ms = load_ms, preprocess_ms
         self.sampling, self.max_tokens, self.stops = sampling, max_tokens, stops
         self.logprobs, self.top_logprobs = logprobs, top_logprobs
         self.submitted = time.perf_counter()
@@ -198,8 +220,11 @@ class Engine:
     def __init__(self, model, processor, settings: Optional[EngineSettings] = None):
         self.model, self.processor = model, processor
         self.settings = settings = settings or EngineSettings()
-        self.resolution = resolve_resolution(processor, settings.resolution)
-        GenerationOptions.from_kwargs(settings.cache_options())  # a bad combination fails at start
+        self.resolution = resolve_resolution(model, processor, settings.resolution)
+        self.check_options({})  # bad KV-cache options fail at start-up, not at the first request
+        limit = context_length(model)
+        self.max_prompt_chars = settings.max_prompt_chars or (
+            CHARS_PER_TOKEN_BOUND * limit if limit else MAX_PROMPT_CHARS_UNBOUNDED)
         self.feature_cache = default_feature_cache(model)
         self.sessions = SessionCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
         self._cond = threading.Condition()
@@ -207,6 +232,7 @@ class Engine:
         self.running: Optional[Job] = None
         self.stats = collections.Counter(served=0, cancelled=0, failed=0, timed_out=0)
         self._stopping = False
+        self._shutting_down = False
         self._thread = threading.Thread(target=self._run, name="fastvlm-model", daemon=True)
 
     # -- the handlers' side ----------------------------------------------------------------------
@@ -225,16 +251,52 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def shut_down(self) -> None:
+        """The server is going away: refuse every waiting job (EngineShuttingDown) and end the
+        running one at its next token, as max_tokens would (finish_reason "length")."""
+        with self._cond:
+            self._shutting_down = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            for job in waiting:
+                job.state = "abandoned"
+        for job in waiting:
+            job.post("error", error=EngineShuttingDown("the server is shutting down; retry later"))
+            job.start()  # wakes its handler, which finds the error
+
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self._stopping and not self._shutting_down
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
+    def check_options(self, sampling: dict) -> GenerationOptions:
+        """SAMPLING (stream_generate's options) over the model's defaults and the engine's
+        KV-cache options, checked as every tool checks them (top_k against the vocabulary)."""
+        return GenerationOptions.from_kwargs(
+            sampling, defaults={**self.processor.generation_defaults, **self.settings.cache_options()},
+            vocab_size=self.model.vocab_size)
+
+    def tokenize(self, prompt_text: str) -> List[int]:
+        """A templated prompt (with `<image>` markers) -> its ids with image slots, checked
+        against the context. Text over max_prompt_chars is refused before tokenizing. Called by
+        the request handlers, in their own threads: tokenizing never holds up the model."""
+        if len(prompt_text) > self.max_prompt_chars:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt_text)} characters, over the limit of "
+                f"{self.max_prompt_chars} (max_prompt_chars, from the model's context of "
+                f"{context_length(self.model)} tokens)")
+        ids = self.processor.encode(prompt_text, self.resolution)
+        check_context(self.model, len(ids), sum(t == self.processor.image_token_id for t in ids))
+        return ids
+
     def submit(self, job: Job) -> None:
+        self.check_options(dict(job.sampling, max_tokens=job.max_tokens))
         with self._cond:
+            if self._shutting_down:
+                raise EngineShuttingDown("the server is shutting down; retry later")
             if not self.alive:
                 raise EngineStopped("the model worker is not running")
             if len(self._queue) >= self.settings.max_queue:
@@ -288,13 +350,16 @@ class Engine:
             job.start()
             try:
                 self._serve(job, queue_ms)
-            except (InputError, EngineError) as e:
+            except Exception as e:  # keep serving: the request is told why, the next one runs
                 self.stats["failed"] += 1
+                # Whatever failed may have left MLX's global random state unusable (a sampler
+                # that raised while mx.compile traced it), which would fail every later
+                # unseeded sample: start the next job from a fresh one.
+                fresh_random_state()
+                if not isinstance(e, (InputError, EngineError)):
+                    log.exception("generation failed")
+                    e = GenerationFailed(" ".join(f"generation failed: {type(e).__name__}: {e}".split()))
                 job.post("error", error=e)
-            except Exception as e:  # keep serving; the request is told generation failed
-                self.stats["failed"] += 1
-                log.exception("generation failed")
-                job.post("error", error=GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
             finally:
                 with self._cond:
                     self.running = None
@@ -311,12 +376,11 @@ class Engine:
         return session, 0
 
     def _serve(self, job: Job, queue_ms: float) -> None:
-        t0 = time.perf_counter()
-        ids = self.processor.encode(job.prompt_text, self.resolution)
+        ids = job.prompt_ids
         key = (tuple(job.digests), self.resolution)
         session, cached = self._session_for(key, ids, job.images)
-        # The tokenization above is preprocessing, so part of TTFT: it is passed in.
-        sampling = dict(job.sampling, max_tokens=job.max_tokens, preprocess_ms=ms_since(t0),
+        # The handler's tokenization is preprocessing, so part of TTFT: it is passed in.
+        sampling = dict(job.sampling, max_tokens=job.max_tokens, preprocess_ms=job.preprocess_ms,
                         queue_ms=queue_ms, load_ms=job.load_ms)
         steps = session.stream(ids[cached:], images=job.images if cached else None, **sampling)
         stop = StopText(job.stops)
@@ -328,7 +392,9 @@ class Engine:
                 n_tokens += not eos
                 text, hit = stop.add(r.text)
                 finish = "stop" if hit else r.finish_reason
-                if r.finish_reason and not hit:
+                if finish is None and self._shutting_down:
+                    finish = "length"  # cut short, as max_tokens would, so the answer ends cleanly
+                if finish and not hit:
                     text += stop.flush()
                 entries = [(r.token, _finite(r.logprob), top_logprobs(r, job.top_logprobs))] \
                     if job.logprobs and not eos else []

@@ -143,13 +143,36 @@ def collect(responses: Iterator[GenerationResponse]) -> GenerationResult:
 # Options: sampling and mlx-lm's KV-cache settings, checked in one place
 
 
+class OptionError(InputError):
+    """A generation option out of its range; `option` is its name (as in the API)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option} {message}")
+        self.option = option
+
+
+# What MLX's quantize supports ("The supported bits are 1, 2, 3, 4, 5, 6 and 8", "group sizes
+# are 32, 64, and 128"). Anything else fails inside mlx-lm's KV quantization, a group size of 0
+# with SIGFPE, which kills the process.
+KV_BITS = (1, 2, 3, 4, 5, 6, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 @dataclass
 class GenerationOptions:
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
-    top_p: float = 0.0
-    top_k: int = 0
-    min_p: float = 0.0
+    top_p: float = 1.0  # 1: no nucleus filtering (mlx-lm's default)
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     repetition_penalty: Optional[float] = None
     repetition_context_size: int = 20
     seed: Optional[int] = None
@@ -162,9 +185,10 @@ class GenerationOptions:
     quantized_kv_start: int = 5000  # mlx-lm's DEFAULT_QUANTIZED_KV_START
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict, defaults: Optional[dict] = None) -> "GenerationOptions":
+    def from_kwargs(cls, kwargs: dict, defaults: Optional[dict] = None,
+                    vocab_size: Optional[int] = None) -> "GenerationOptions":
         """Options from keyword arguments (None: not given), over DEFAULTS (the model's
-        generation_config.json), checked."""
+        generation_config.json), checked (top_k against VOCAB_SIZE when given)."""
         kwargs = dict(kwargs)
         if "temp" in kwargs:
             kwargs["temperature"] = kwargs.pop("temp")
@@ -173,22 +197,57 @@ class GenerationOptions:
             raise TypeError(f"unknown generation option(s): {', '.join(unknown)}")
         given = {k: v for k, v in kwargs.items() if v is not None}
         opts = cls(**{**(defaults or {}), **given})
-        opts.check()
+        opts.check(vocab_size)
         return opts
 
     def replace(self, **overrides) -> "GenerationOptions":
         """These options with OVERRIDES (None: keep) applied and checked."""
         return self.from_kwargs(overrides, defaults=vars(self)) if overrides else self
 
-    def check(self) -> None:
-        if self.max_tokens is None or self.max_tokens < 1:
-            raise InputError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
+    def check(self, vocab_size: Optional[int] = None) -> None:
+        """The one check of every sampling and KV-cache option (the CLIs, the API and the server
+        all come here); a bad one raises OptionError naming it. VOCAB_SIZE (the width of the
+        model's logits) bounds top_k: mlx-lm's top-k raises inside its compiled sampler, which
+        leaves MLX's global random state unusable."""
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise OptionError(name, f"must be {rule}, got {getattr(self, name)!r}")
+
+        def whole(name: str, low: int, rule: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            need(_is_int(value) and value >= low, name, rule)
+
+        def real(name: str) -> bool:
+            value = getattr(self, name)
+            return _is_number(value) and math.isfinite(value)
+
+        whole("max_tokens", 1, "a whole number >= 1")
+        need(real("temperature") and self.temperature >= 0, "temperature", "a finite number >= 0")
+        need(real("top_p") and 0 < self.top_p <= 1, "top_p", "in (0, 1] (1: off)")
+        need(real("min_p") and 0 <= self.min_p <= 1, "min_p", "in [0, 1] (0: off)")
+        whole("top_k", 0, "a whole number >= 0 (0: off)")
+        if vocab_size is not None:
+            need(self.top_k < vocab_size, "top_k", f"below the vocabulary of {vocab_size} tokens")
+        if self.repetition_penalty is not None:
+            need(real("repetition_penalty") and self.repetition_penalty > 0, "repetition_penalty",
+                 "a finite number > 0")
+        whole("repetition_context_size", 1, "a whole number >= 1")
+        if self.seed is not None:
+            need(_is_int(self.seed) and 0 <= self.seed < 2**64, "seed", "a whole number in [0, 2**64)")
+        whole("max_kv_size", 1, "a whole number >= 1", optional=True)
+        whole("prefill_step_size", 1, "a whole number >= 1")
+        if self.kv_bits is not None:
+            need(self.kv_bits in KV_BITS and _is_int(self.kv_bits), "kv_bits",
+                 f"one of {', '.join(map(str, KV_BITS))} (what MLX can quantize to)")
+        need(self.kv_group_size in KV_GROUP_SIZES and _is_int(self.kv_group_size), "kv_group_size",
+             f"one of {', '.join(map(str, KV_GROUP_SIZES))}")
+        whole("quantized_kv_start", 0, "a whole number >= 0")
         if self.kv_bits is not None and self.max_kv_size is not None:
-            raise InputError("kv_bits cannot be combined with max_kv_size: mlx-lm cannot quantize its rotating KV cache")
-        if self.prefill_step_size < 1:
-            raise InputError(f"prefill_step_size must be at least 1, got {self.prefill_step_size}")
+            raise OptionError("kv_bits", "cannot be combined with max_kv_size: mlx-lm cannot "
+                              "quantize its rotating KV cache")
 
     def make_sampler(self):
         if self.sampler is not None:
@@ -214,24 +273,30 @@ class GenerationOptions:
 _WARNED_RESOLUTIONS = set()
 
 
-def resolve_resolution(processor, resolution: Optional[int]) -> int:
-    """The resolution asked for (default: the trained one), checked; a change of the image-token
-    count from the trained size is said once per process."""
-    size = check_resolution(int(resolution) if resolution is not None else processor.image_size,
+def context_length(model) -> int:
+    """The decoder's context (0: unbounded)."""
+    return int(getattr(model.language_model.args, "max_position_embeddings", 0) or 0)
+
+
+def resolve_resolution(model, processor, resolution: Optional[int]) -> int:
+    """The resolution asked for (default: the trained one), checked: a multiple of the stride
+    whose image tokens fit in the model's context (checked on the numbers, before anything is
+    built for it). A change of the image-token count from the trained size is said once per
+    process."""
+    size = check_resolution(resolution if resolution is not None else processor.image_size,
                             processor.stride)
+    limit, n_tokens = context_length(model), processor.tokens_per_image(size)
+    if limit and n_tokens > limit:
+        raise InputError(f"resolution {size} needs {n_tokens} image tokens per image, more than "
+                         f"the model's context of {limit} tokens")
     if size != processor.image_size and (processor.image_size, size) not in _WARNED_RESOLUTIONS:
         _WARNED_RESOLUTIONS.add((processor.image_size, size))
         warnings.warn(
             f"resolution {size} differs from the model's trained {processor.image_size}: "
-            f"{processor.tokens_per_image(size)} image tokens per image, and quality may change",
+            f"{n_tokens} image tokens per image, and quality may change",
             stacklevel=3,
         )
     return size
-
-
-def context_length(model) -> int:
-    """The decoder's context (0: unbounded)."""
-    return int(getattr(model.language_model.args, "max_position_embeddings", 0) or 0)
 
 
 def check_context(model, n_tokens: int, n_image_tokens: int) -> None:
@@ -328,6 +393,14 @@ def prefill(model, embeddings: mx.array, token_ids: Sequence[int], cache: List, 
     return int(token.item()), logprobs[0], prefill_ms, clock.lap()
 
 
+def fresh_random_state() -> None:
+    """Reseed MLX's global random state from fresh entropy. mlx-lm's samplers are compiled with
+    that state as an input and output; one that raises while being traced (mlx-lm's top-k on a
+    k it refuses) leaves the state an array without a primitive, and every later unseeded sample
+    fails ("Attempting to eval an array without a primitive") until something reseeds it."""
+    mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def _history_processors(opts: GenerationOptions, history: mx.array):
     """The logits processors, each seeing the whole HISTORY before what generate_step feeds it
     (generate_step's processors see only the tokens it was given), and a first one that records
@@ -377,8 +450,9 @@ def prepare_request(model, processor, prompt, images, history, *, system=DEFAULT
                     **options) -> Request:
     """stream_generate's first part, with its arguments: the options and resolution, checked;
     the images, decoded; the template and tokens; the context rule."""
-    opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults)
-    size = resolve_resolution(processor, resolution)
+    opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults,
+                                         vocab_size=model.vocab_size)
+    size = resolve_resolution(model, processor, resolution)
     if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
         images = [images]
     t0 = time.perf_counter()
@@ -595,23 +669,28 @@ def stream_to_stdout(responses: Iterator[GenerationResponse]) -> GenerationResul
 
 
 def generation_options(args) -> dict:
-    """The generate/chat CLIs' sampling and KV flags as stream_generate options."""
-    return dict(
+    """The generate/chat CLIs' sampling and KV flags as stream_generate options, checked now
+    (what needs the model, top_k against its vocabulary, is checked again once it is loaded),
+    so that a bad flag fails before the model loads."""
+    options = dict(
         max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         repetition_context_size=args.repetition_context_size, seed=args.seed, **_cli.kv_options(args),
     )
+    GenerationOptions.from_kwargs(options)
+    return options
 
 
 def run_cli(args) -> int:
-    # Images first, decoded once: a bad image fails fast, before the model loads.
+    # Options and images first, images decoded once: bad input fails before the model loads.
+    options = generation_options(args)
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=args.max_pixels) for im in args.image]
     load_ms = ms_since(t0)
     model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
     responses = stream_generate(
         model, processor, args.prompt, images, system=args.system, resolution=args.resolution,
-        load_ms=load_ms, **generation_options(args),
+        load_ms=load_ms, **options,
     )
     if args.json:
         print(json.dumps(collect(responses).to_dict()), flush=True)

@@ -8,10 +8,12 @@ how Apple's reference splices (its vocabulary has no image token) and what trans
 gives with its real `<image>` token.
 """
 
+import errno
 import hashlib
 import io
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +37,15 @@ class InputError(ValueError):
 
 
 def check_resolution(size: int, stride: int = 64) -> int:
-    if not isinstance(size, int) or size <= 0 or size % stride:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % stride:
         raise InputError(f"resolution {size} is not supported: it must be a positive multiple of {stride}")
-    return size
+    return int(size)
 
 
 # Settings with sane defaults; tests and apps lower them (argument, or environment variable).
 DEFAULT_MAX_PIXELS = 100_000_000  # a decoded image above this is refused (decompression bombs)
 DEFAULT_MAX_URL_BYTES = 50 * 2**20  # an image URL's body above this is refused
-DEFAULT_URL_TIMEOUT = 15.0  # seconds, for connecting and for each read
+DEFAULT_URL_TIMEOUT = 15.0  # seconds per image URL, everything included (connect, redirects, body)
 
 
 def _setting(value, env: str, default, cast):
@@ -58,8 +60,8 @@ def _setting(value, env: str, default, cast):
     return default
 
 
-def pixel_cap(value: Optional[int] = None) -> int:
-    return _setting(value, "FASTVLM_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)
+def pixel_cap(value: Optional[int] = None, default: int = DEFAULT_MAX_PIXELS) -> int:
+    return _setting(value, "FASTVLM_MAX_PIXELS", default, int)
 
 
 def url_byte_cap(value: Optional[int] = None) -> int:
@@ -74,30 +76,13 @@ def is_url(image) -> bool:
     return isinstance(image, str) and image.lower().startswith(("http://", "https://"))
 
 
-def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int] = None) -> bytes:
-    """GET an http(s) URL with a timeout and a cap on the body size."""
-    import urllib.error
-    import urllib.request
+def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int] = None,
+              allow_private: bool = True, cancel=None) -> bytes:
+    """GET an http(s) URL within a total deadline, with a cap on the body size (the settings
+    above when not given); see fetch.fetch_url for ALLOW_PRIVATE and CANCEL."""
+    from .fetch import fetch_url as get
 
-    timeout, max_bytes = url_timeout(timeout), url_byte_cap(max_bytes)
-    request = urllib.request.Request(url, headers={"User-Agent": "fastvlm-mlx"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise InputError(f"image URL {url} is {int(length)} bytes, over the cap of {max_bytes}")
-            data = response.read(max_bytes + 1)
-    except InputError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise InputError(f"cannot fetch image URL {url}: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise InputError(f"cannot fetch image URL {url}: {e.reason}") from None
-    except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
-        raise InputError(f"cannot fetch image URL {url}: {e or type(e).__name__}") from None
-    if len(data) > max_bytes:
-        raise InputError(f"image URL {url} is over the cap of {max_bytes} bytes")
-    return data
+    return get(url, url_timeout(timeout), url_byte_cap(max_bytes), allow_private, cancel)
 
 
 def _open(source, name: str, cap: int) -> Image.Image:
@@ -213,6 +198,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InputError(f"cannot convert an image of mode {image.mode} to RGB: {e}") from None
 
 
+def _check_regular_file(path: Path) -> None:
+    """Refuse anything but a regular file, saying what it is (a FIFO or /dev/zero would be read
+    for ever, a directory is no image)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"image not found: {path}") from None
+    except OSError as e:
+        reason = "it is a symlink loop" if e.errno == errno.ELOOP else e.strerror or str(e)
+        raise InputError(f"cannot read image {path}: {reason}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise InputError(f"image {path} is {kind}, not an image file")
+
+
 def to_pil(
     image: ImageInput,
     max_pixels: Optional[int] = None,
@@ -244,8 +247,7 @@ def to_pil(
         image = _open(io.BytesIO(fetch_url(image, timeout, max_bytes)), image, cap)
     elif isinstance(image, (str, Path)):
         path = Path(image)
-        if not path.is_file():
-            raise InputError(f"image not found: {path}")
+        _check_regular_file(path)
         if path.stat().st_size == 0:
             raise InputError(f"cannot read image {path}: the file is empty (0 bytes)")
         image = _open(path, str(path), cap)
@@ -310,6 +312,16 @@ def format_prompt(
     if add_generation_prompt:
         text += "<|im_start|>assistant\n"
     return text
+
+
+def check_text(text: str) -> None:
+    """Refuse prompt text that is not valid Unicode: a lone surrogate, which the tokenizer cannot
+    take, and which is what a command-line argument that is not UTF-8 becomes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the prompt is not valid UTF-8 text (a lone surrogate at character "
+                         f"{e.start})") from None
 
 
 def generation_defaults(path: Path) -> dict:
@@ -438,12 +450,12 @@ class Processor:
 
     def encode(self, text: str, size: Optional[int] = None) -> List[int]:
         """Prompt text -> ids; each `<image>` becomes tokens_per_image(size) image slots."""
+        check_text(text)
         chunks = text.split(IMAGE_MARKER)
-        slots = [self.image_token_id] * self.tokens_per_image(size)
         ids: List[int] = []
         for i, chunk in enumerate(chunks):
-            if i:
-                ids += slots
+            if i:  # (built per image: a text-only prompt builds no slots, whatever the size)
+                ids += [self.image_token_id] * self.tokens_per_image(size)
             if chunk:
                 ids += self.tokenizer.encode(chunk, add_special_tokens=False)
         return ids

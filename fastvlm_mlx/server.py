@@ -5,8 +5,10 @@
     GET  /health                liveness, and whether the model is busy
 
 One worker thread owns the model and runs one request at a time; the others wait in a bounded
-queue (each for at most `queue_timeout` seconds, then 503). Images are downloaded and decoded by
-the request handlers, outside the model's time. The worker keeps a few conversations' KV caches
+queue (each for at most `queue_timeout` seconds, then 503). Everything else happens off the
+model worker, in the handlers: big bodies are parsed, prompts tokenized and images decoded in
+threads (a bounded number of decodes at once), and image URLs fetched in a small pool of their
+own, so that a request without images never waits for a slow URL. The worker keeps a few conversations' KV caches
 (keyed by the digests of their images) and continues each new request from the longest prefix
 of its tokens it already holds, so a follow-up question about an image neither re-encodes the
 image nor re-reads the conversation; vision features are cached per image as in `generate`.
@@ -22,12 +24,15 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
 import urllib.parse
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Union
 
 from . import _cli
@@ -35,27 +40,44 @@ from .engine import (
     EngineBusy,
     EngineError,
     EngineSettings,
+    EngineShuttingDown,
     EngineStopped,
     GenerationFailed,
     Job,
     Engine,
 )
-from .generate import ContextLengthError, InputError
+from .fetch import Cancel
+from .generate import ContextLengthError, GenerationOptions, InputError, OptionError
 from .loader import load, runtime_dtype
 from .processing import (
     DEFAULT_SYSTEM,
     IMAGE_MARKER,
     check_resolution,
+    fetch_url,
     format_prompt,
     image_digest,
     is_url,
+    pixel_cap,
     to_pil,
 )
+from .timing import ms_since
 
 log = logging.getLogger("fastvlm_mlx.server")
 
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20  # a request body above this gets 413
 DRAIN_BYTES = 8 * 2**20  # read (and drop) this much of an oversized body, so the 413 arrives
+# The generate CLI's 100M-pixel cap lets a 16 KB PNG cost 1.4 GB to decode; 32M pixels is more
+# than any camera's photo (45 MP is 8192 x 5464 = 44.8M; 24 MP is 24M) yet a third of the cost.
+SERVER_MAX_PIXELS = 32_000_000
+# Bodies and prompt texts up to these sizes are parsed and tokenized on the event loop (well
+# under a millisecond); bigger ones in a thread, so that the loop keeps answering.
+INLINE_BODY_BYTES = 64 * 2**10
+INLINE_PROMPT_CHARS = 8 * 2**10
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# Any failure of an image URL gives its client this one text (the log has the reason): texts
+# that told "refused", "timed out", "HTTP 404" and "not an image" apart made a port scanner.
+URL_FAILURE = ("the image URL could not be fetched as an image (the server fetches public http(s) "
+               "addresses only, unless started with --allow-private-urls)")
 FINGERPRINT = "fastvlm-mlx-0.1.0"
 
 
@@ -66,19 +88,40 @@ class ServerSettings(EngineSettings):
     the same names."""
 
     model_id: str = _cli.DEFAULT_MODEL  # what /v1/models and every response call the model
-    api_key: Optional[str] = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+    api_key: Optional[str] = None  # when set, /v1/* needs `Authorization: Bearer <key>`; never ""
+    # A request's Host header must name `host` (the address listened on), a loopback name or
+    # one of `allowed_hosts` ("*": any): a DNS-rebinding page sends its own name. When `host` is
+    # a wildcard (0.0.0.0, ::), any IP address is allowed too (no page can rebind one).
+    host: str = "127.0.0.1"
+    allowed_hosts: Tuple[str, ...] = ()
     allow_local_files: bool = False  # image_url may be a local path or file:// URL
+    allow_private_urls: bool = False  # image URLs may name loopback, private, link-local addresses
     max_tokens: int = 512  # when the request gives none (mlx-lm's server default)
     # When the request gives none; None: the model's generation_config.json, else greedy.
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     system: Optional[str] = DEFAULT_SYSTEM  # used when the request has no system message
-    max_pixels: Optional[int] = None  # decoded pixels per image (default FASTVLM_MAX_PIXELS, 100M)
+    # decoded pixels per image (default FASTVLM_MAX_PIXELS, else SERVER_MAX_PIXELS)
+    max_pixels: Optional[int] = None
     max_url_bytes: Optional[int] = None  # per image URL (default FASTVLM_MAX_URL_BYTES, 50 MiB)
-    url_timeout: Optional[float] = None  # per image URL (default FASTVLM_URL_TIMEOUT, 15 s)
+    url_timeout: Optional[float] = None  # per image URL, all in (default FASTVLM_URL_TIMEOUT, 15 s)
+    url_fetchers: int = 4  # image URLs fetched at once, in a pool of their own
+    max_decodes: int = 2  # images decoded at once (each may take a few hundred MB)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_images: int = 16  # per request
     queue_timeout: float = 120.0  # seconds a request may wait for the model before a 503
+
+    def check(self) -> None:
+        """Refuse settings the server cannot run with, in one line (before the model loads)."""
+        if self.api_key is not None and not self.api_key.strip():
+            raise InputError("the API key is empty (--api-key / FASTVLM_API_KEY): give a key, or "
+                             "leave it unset to serve without one")
+        if self.prompt_cache_size < 0:
+            raise InputError(f"--prompt-cache-size must be >= 0, got {self.prompt_cache_size}")
+        if self.resolution is not None:
+            check_resolution(self.resolution)
+        GenerationOptions.from_kwargs(dict(self.cache_options(), temperature=self.temperature,
+                                           top_p=self.top_p))
 
     def engine_settings(self) -> EngineSettings:
         """The model worker's share of these settings, as a settings object of its own."""
@@ -96,6 +139,9 @@ _ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "inv
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None,
                  code: Optional[str] = None, type: Optional[str] = None, headers=None):
+        # What a client sent (a URL, a path) may hold lone surrogates, which no JSON body can
+        # carry as UTF-8: escape them, or the error itself would fail to encode.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _ERROR_TYPES.get(status) or (
@@ -119,10 +165,14 @@ class APIError(Exception):
             return e
         if isinstance(e, EngineBusy):
             return cls(503, str(e), code="server_busy", headers={"Retry-After": "1"})
+        if isinstance(e, EngineShuttingDown):
+            return cls(503, str(e), code="server_shutting_down", headers={"Connection": "close"})
         if isinstance(e, EngineStopped):
             return cls(503, str(e), code="unavailable")
         if isinstance(e, ContextLengthError):
             return cls(400, str(e), param="messages", code="context_length_exceeded")
+        if isinstance(e, OptionError):
+            return cls(400, str(e), param=e.option)
         if isinstance(e, InputError):
             return cls(400, str(e))
         return cls(500, str(e) if isinstance(e, GenerationFailed) else f"internal error: {type(e).__name__}")
@@ -161,14 +211,16 @@ def _schema():
     class StreamOptions(Base):
         include_usage: bool = False
 
+    # The sampling fields' ranges are GenerationOptions.check's, as in every other tool: the
+    # schema gives their types only.
     class ChatRequest(Base):
         model: Optional[str] = None
         messages: List[Message] = Field(min_length=1)
-        max_tokens: Optional[int] = Field(None, ge=1)
-        max_completion_tokens: Optional[int] = Field(None, ge=1)
-        temperature: Optional[float] = Field(None, ge=0)
-        top_p: Optional[float] = Field(None, gt=0, le=1)
-        seed: Optional[int] = Field(None, ge=0, lt=2**64)
+        max_tokens: Optional[int] = None
+        max_completion_tokens: Optional[int] = None
+        temperature: Optional[float] = None
+        top_p: Optional[float] = None
+        seed: Optional[int] = None
         stop: Union[str, List[str], None] = None
         stream: bool = False
         stream_options: Optional[StreamOptions] = None
@@ -177,9 +229,9 @@ def _schema():
         top_logprobs: Optional[int] = Field(None, ge=0, le=20)
         logit_bias: Optional[Dict[int, float]] = None
         # mlx-lm's extensions
-        top_k: Optional[int] = Field(None, ge=0)
-        min_p: Optional[float] = Field(None, ge=0, le=1)
-        repetition_penalty: Optional[float] = Field(None, gt=0)
+        top_k: Optional[int] = None
+        min_p: Optional[float] = None
+        repetition_penalty: Optional[float] = None
 
     return ChatRequest
 
@@ -268,41 +320,74 @@ def conversation(req, max_images: int) -> Tuple[List[dict], List[Tuple[str, str]
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 
 
-def load_image(url: str, where: str, settings: ServerSettings):
-    """One image_url -> an RGB PIL image; bad input -> a 400 naming the part."""
+def image_source(url: str, where: str, settings: ServerSettings):
+    """What an image_url that is not an http(s) URL names: the bytes of a data URL, or a local
+    path (only with allow_local_files); bad input -> a 400 naming the part."""
     try:
         if url.startswith("data:"):
             header, sep, data = url.partition(",")
             if not sep or not header.endswith(";base64"):
                 raise InputError("a data URL must be base64: data:image/png;base64,...")
             try:
-                raw = base64.b64decode("".join(data.split()), validate=True)
+                return base64.b64decode("".join(data.split()), validate=True)
             except (binascii.Error, ValueError):
                 raise InputError("the data URL is not valid base64") from None
-            return to_pil(raw, max_pixels=settings.max_pixels)
-        if is_url(url):
-            return to_pil(url, max_pixels=settings.max_pixels, timeout=settings.url_timeout,
-                          max_bytes=settings.max_url_bytes)
         scheme = _SCHEME.match(url)
         if scheme and scheme.group(1).lower() != "file":
             raise InputError(f"unsupported image URL scheme {scheme.group(1)!r}: use a base64 data "
                              "URL or an http(s) URL")
-        if not settings.allow_local_files:
-            raise APIError(400, f"{where}: local image paths are not allowed; start the server with "
-                           "--allow-local-files, or send the image as a base64 data URL",
-                           param=where, code="local_files_not_allowed")
-        path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if scheme else url
-        return to_pil(os.path.expanduser(path), max_pixels=settings.max_pixels)
     except InputError as e:
         raise APIError(400, f"{where}: {e}", param=where, code="invalid_image") from None
+    if not settings.allow_local_files:
+        raise APIError(400, f"{where}: local image paths are not allowed; start the server with "
+                       "--allow-local-files, or send the image as a base64 data URL",
+                       param=where, code="local_files_not_allowed")
+    path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if scheme else url
+    return os.path.expanduser(path)
 
 
-def load_images(refs, settings: ServerSettings):
-    """Decode every image (in a handler thread, outside the model's time): images, digests, ms."""
-    t0 = time.perf_counter()
-    images = [load_image(url, where, settings) for where, url in refs]
-    digests = [image_digest(im) for im in images]
-    return images, digests, (time.perf_counter() - t0) * 1e3
+def _decode(source, max_pixels: int):
+    """Encoded image bytes or a path -> (the RGB image, its digest), in one call off the loop."""
+    image = to_pil(source, max_pixels=max_pixels)
+    return image, image_digest(image)
+
+
+class ImageLoader:
+    """Fetches and decodes a request's images, off the event loop and the model worker: URLs in
+    a pool of their own (`url_fetchers` threads; a request without URLs never waits for it),
+    decodes at most `max_decodes` at once. A request's fetches end when its client leaves."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.max_pixels = pixel_cap(settings.max_pixels, default=SERVER_MAX_PIXELS)
+        self.fetchers = ThreadPoolExecutor(settings.url_fetchers, thread_name_prefix="fastvlm-url")
+        self.decodes = asyncio.Semaphore(settings.max_decodes)
+
+    async def load(self, refs, cancel: Cancel):
+        """The images of REFS ((where, url) pairs), their digests, and the ms spent on them."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        images = []
+        for where, url in refs:
+            remote = is_url(url)
+            try:
+                if remote:
+                    source = await loop.run_in_executor(
+                        self.fetchers, fetch_url, url, self.settings.url_timeout,
+                        self.settings.max_url_bytes, self.settings.allow_private_urls, cancel)
+                else:
+                    source = image_source(url, where, self.settings)
+                async with self.decodes:
+                    images.append(await asyncio.to_thread(_decode, source, self.max_pixels))
+            except InputError as e:
+                if remote:  # the reason goes to the log only (see URL_FAILURE)
+                    log.info("%s: %s", where, e)
+                message = URL_FAILURE if remote else str(e)
+                raise APIError(400, f"{where}: {message}", param=where, code="invalid_image") from None
+        return [im for im, _ in images], [digest for _, digest in images], ms_since(t0)
+
+    def close(self) -> None:
+        self.fetchers.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +434,72 @@ def check_api_key(request, settings: ServerSettings) -> None:
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, lower-cased, without the port: `[::1]:8080` -> `::1`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.partition(":")[0] if header.count(":") == 1 else header
+
+
+def _ip_address(name: str):
+    """NAME as an IP address, or None when it is a host name."""
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+class HostCheck:
+    """ASGI middleware: refuse (400, code `invalid_host`) a request whose Host header names
+    anything but the server's own address, a loopback name or --allowed-hosts. A page that
+    rebinds its own DNS name to this machine sends that name."""
+
+    def __init__(self, app, settings: ServerSettings):
+        self.app = app
+        self.any_host = "*" in settings.allowed_hosts
+        self.names = {host_name(h) for h in (settings.host, *LOOPBACK_NAMES, *settings.allowed_hosts)}
+        # Listening on every address, the server has many; and no page can rebind an IP address.
+        self.any_ip = settings.host in ("0.0.0.0", "::", "")
+
+    def allowed(self, name: str) -> bool:
+        return self.any_host or name in self.names or (self.any_ip and _ip_address(name) is not None)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            raw = headers.get(b"host")
+            name = host_name(raw.decode("latin-1")) if raw is not None else None
+            if name is not None and not self.allowed(name):
+                error = APIError(400, f"the Host header names {name!r}, which this server does not "
+                                 "answer to; start it with --allowed-hosts to add names",
+                                 code="invalid_host")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def parse_chat_request(body: bytes, settings: ServerSettings):
+    """A request body -> (the request, its image refs, the templated prompt text): parsing and
+    checking in one call, which big bodies make off the event loop."""
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    try:
+        req = parse_request(payload)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    messages, refs = conversation(req, settings.max_images)
+    try:
+        prompt_text = format_prompt(messages, len(refs), settings.system)
+    except InputError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return req, refs, prompt_text
+
+
 async def _until_disconnect(request) -> None:
     """Returns when the client goes away (the body has already been read)."""
     while True:
@@ -372,7 +523,9 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     settings = replace(settings or ServerSettings(), **overrides)
+    settings.check()
     engine = Engine(model, processor, settings.engine_settings())
+    images = ImageLoader(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -381,10 +534,12 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
             yield
         finally:
             engine.stop()
+            images.close()
 
     app = FastAPI(title="fastvlm-mlx", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine, app.state.settings = engine, settings
+    app.add_middleware(HostCheck, settings=settings)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -441,25 +596,22 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
                            code="model_not_found")
         return model_card()
 
+    async def off_loop(big: bool, fn, *args):
+        """FN(*ARGS), in a thread when BIG (so that the event loop keeps answering)."""
+        return await asyncio.to_thread(fn, *args) if big else fn(*args)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_api_key(request, settings)
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        # Required, and JSON: a web page can post a body without a Content-Type (a Blob) or
+        # with a "simple" one (text/plain) cross-site, with no preflight that would stop it.
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
-            # Also keeps web pages from posting here with a "simple" cross-site request.
-            raise APIError(415, f"Content-Type must be application/json, not {ctype}")
+            raise APIError(415, f"Content-Type must be application/json, not {ctype or 'missing'}",
+                           code="unsupported_media_type")
         body = await read_body(request, settings.max_body_bytes)
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        req = parse_request(payload)
-        messages, refs = conversation(req, settings.max_images)
-        try:
-            prompt_text = format_prompt(messages, len(refs), settings.system)
-        except InputError as e:
-            raise APIError(400, str(e), param="messages") from None
-        images, digests, load_ms = await asyncio.to_thread(load_images, refs, settings)
+        req, refs, prompt_text = await off_loop(len(body) > INLINE_BODY_BYTES, parse_chat_request,
+                                                body, settings)
 
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         sampling = dict(
@@ -479,9 +631,31 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
                 raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary "
                                f"(0..{vocab - 1})", param="logit_bias")
             sampling["logits_processors"] = make_logits_processors(logit_bias=req.logit_bias)
-        max_tokens = req.max_completion_tokens or req.max_tokens or settings.max_tokens
-        job = Job(asyncio.get_running_loop(), prompt_text, images, digests, load_ms, sampling,
-                  max_tokens, stops, req.logprobs or bool(req.top_logprobs), req.top_logprobs or 0)
+        max_tokens = next((n for n in (req.max_completion_tokens, req.max_tokens) if n is not None),
+                          settings.max_tokens)
+        try:
+            # Everything that can refuse the request cheaply, before its images are fetched.
+            engine.check_options(dict(sampling, max_tokens=max_tokens))
+            t0 = time.perf_counter()
+            prompt_ids = await off_loop(len(prompt_text) > INLINE_PROMPT_CHARS, engine.tokenize,
+                                        prompt_text)
+            preprocess_ms = ms_since(t0)
+        except InputError as e:
+            raise APIError.of(e) from None
+        cancel = Cancel()  # the request's image fetches, dropped if its client leaves
+        loading = asyncio.ensure_future(images.load(refs, cancel)) if refs else None
+        if loading is not None:
+            gone = asyncio.ensure_future(_until_disconnect(request))
+            await asyncio.wait({loading, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not loading.done():
+                cancel.set()
+                loading.cancel()
+                return JSONResponse({}, status_code=499)  # nobody is listening
+        decoded, digests, load_ms = loading.result() if loading is not None else ([], [], 0.0)
+        job = Job(asyncio.get_running_loop(), prompt_ids, decoded, digests, load_ms, sampling,
+                  max_tokens, stops, req.logprobs or bool(req.top_logprobs), req.top_logprobs or 0,
+                  preprocess_ms=preprocess_ms)
 
         async def watch():  # until the response starts; then Starlette watches for us
             await _until_disconnect(request)
@@ -489,7 +663,7 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
 
         try:
             engine.submit(job)
-        except EngineError as e:
+        except (EngineError, InputError) as e:
             raise APIError.of(e) from None
         watcher = asyncio.create_task(watch())
         try:
@@ -604,25 +778,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cli.ArgumentParser(prog="fastvlm-server",
                             description="An OpenAI-compatible chat-completions server for FastVLM.")
     _cli.add_model_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--host", default=d.host, help="address to listen on")
     p.add_argument("--port", type=_port, default=8080, help="port (0 = any free port)")
+    p.add_argument("--allowed-hosts", type=lambda text: tuple(h for h in text.split(",") if h),
+                   default=d.allowed_hosts, metavar="NAME,...",
+                   help="more names the Host header may give besides --host and the loopback "
+                   "names (`*`: any); others get a 400, which stops DNS-rebinding pages")
     p.add_argument("--api-key", default=os.environ.get("FASTVLM_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1/* (default $FASTVLM_API_KEY)")
     p.add_argument("--allow-local-files", action="store_true",
                    help="let image_url be a local path or file:// URL")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let image URLs name loopback, private and link-local addresses")
     p.add_argument("--served-model-name", dest="model_id", default=None,
-                   help="the model's id in the API (default: --model)")
+                   help="the model's id in the API (default: --model's name, never its path)")
     p.add_argument("--max-tokens", "-m", type=positive(int), default=d.max_tokens,
                    help="when the request gives none")
     _cli.add_temperature_arg(p, dest="temperature", default=d.temperature,
                              when=" when the request gives none")
     p.add_argument("--top-p", type=float, default=d.top_p, help="when the request gives none")
     p.add_argument("--system", default=d.system, help="system message when the request has none")
-    _cli.add_run_args(p)
+    _cli.add_run_args(p, max_pixels_text=f"{SERVER_MAX_PIXELS // 10**6}M")
     p.add_argument("--max-url-bytes", type=positive(int), default=None,
                    help="refuse image URLs with larger bodies (default 50 MiB, or $FASTVLM_MAX_URL_BYTES)")
     p.add_argument("--url-timeout", type=positive(float), default=None,
-                   help="seconds per image URL (default 15, or $FASTVLM_URL_TIMEOUT)")
+                   help="seconds per image URL, all in (default 15, or $FASTVLM_URL_TIMEOUT)")
+    p.add_argument("--url-fetchers", type=positive(int), default=d.url_fetchers,
+                   help="image URLs fetched at once; more wait their turn")
+    p.add_argument("--max-decodes", type=positive(int), default=d.max_decodes,
+                   help="images decoded at once")
+    p.add_argument("--max-prompt-chars", type=positive(int), default=None,
+                   help="refuse longer prompt texts before tokenizing them (default: "
+                   "16 x the model's context)")
     p.add_argument("--max-body-bytes", type=positive(int), default=d.max_body_bytes,
                    help="refuse larger request bodies with 413")
     p.add_argument("--max-images", type=positive(int), default=d.max_images, help="images per request")
@@ -655,57 +842,91 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    ip = _ip_address(host)
+    return ip.is_loopback if ip is not None else host == "localhost"
+
+
+def served_name(model: str) -> str:
+    """The model's name in the API: a hub id as it is, a local directory by its own name (its
+    path would tell every client where the server's files are)."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
 
 
 def settings_from_args(args) -> ServerSettings:
     """ServerSettings from the parsed flags, which carry the fields' names."""
     given = {k: v for k, v in vars(args).items() if k in ServerSettings.__dataclass_fields__}
-    given["model_id"] = args.model_id or args.model
-    given["api_key"] = args.api_key or None
+    given["model_id"] = args.model_id or served_name(args.model)
     return ServerSettings(**given)
 
 
-def check_args(args) -> None:
-    if args.temperature is not None and args.temperature < 0:
-        raise InputError(f"--temp must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.prompt_cache_size < 0:
-        raise InputError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
-    if args.resolution is not None:
-        check_resolution(args.resolution)
+def json_400_protocol():
+    """uvicorn's HTTP protocol, answering a request it cannot parse with OpenAI's JSON error
+    instead of its plain text."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class Protocol(AutoHTTPProtocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(APIError(400, msg).body()).encode()
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return Protocol
+
+
+def uvicorn_server(app, host: str, port: int, log_level: str = "info", on_listening=None):
+    """A uvicorn server for APP (from create_app) that answers bad HTTP in JSON, calls
+    ON_LISTENING once its socket accepts connections, and on shutdown (SIGTERM, Ctrl+C) first
+    ends the model's work: waiting requests get a 503 `server_shutting_down`, a running stream
+    ends with its final chunk. Run it with `.run(sockets=[sock])`."""
+    import uvicorn
+
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started and on_listening is not None:
+                on_listening()
+
+        async def shutdown(self, sockets=None):
+            engine.shut_down()  # before uvicorn waits for the connections to close
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            http=json_400_protocol(), timeout_graceful_shutdown=5)
+    return Server(config)
 
 
 def run_server(args) -> int:
-    import uvicorn
-
-    check_args(args)
+    settings = settings_from_args(args)
+    settings.check()  # before the model loads
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
-    settings = settings_from_args(args)
     app = create_app(model, processor, settings)
     shown = f"[{host}]" if ":" in host else host
     if not _is_loopback(host) and not settings.api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can "
               "use the model", file=sys.stderr, flush=True)
-    print(f"fastvlm-server: {settings.model_id} at http://{shown}:{port}/v1 "
-          "(POST /v1/chat/completions, GET /v1/models, GET /health)", flush=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
-                            timeout_graceful_shutdown=3)
+
+    def banner():
+        print(f"fastvlm-server: {settings.model_id} at http://{shown}:{port}/v1 "
+              "(POST /v1/chat/completions, GET /v1/models, GET /health)", flush=True)
+
+    # uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM then ends the
+    # process with status 0, as Ctrl+C does, instead of dying of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn_server(app, host, port, args.log_level, on_listening=banner).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl+C
         pass
     return 0
 
 
-main = _cli.main_of(build_parser, run_server)
+main = _cli.main_of(build_parser, run_server, needs_stdout=False)
 
 
 if __name__ == "__main__":

@@ -296,3 +296,96 @@ def closed_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+class LocalHTTP:
+    """A loopback HTTP server of a test's own. ROUTES maps a path to `answer(handler)`, which
+    writes the response; `served` counts the requests per path and `open` the connections still
+    being answered (`max_open` their most at once)."""
+
+    def __init__(self, routes):
+        import collections
+        import http.server
+        import threading
+
+        server = self
+        self.routes, self.served, self.open, self.max_open = routes, collections.Counter(), 0, 0
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                answer = server.routes.get(self.path)
+                with server.lock:
+                    server.served[self.path] += 1
+                    server.open += 1
+                    server.max_open = max(server.max_open, server.open)
+                try:
+                    if answer is None:
+                        self.send_error(404)
+                    else:
+                        answer(self)
+                except OSError:  # the client went away
+                    pass
+                finally:
+                    with server.lock:
+                        server.open -= 1
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def send_bytes(data: bytes, content_type: str = "image/png"):
+    """A LocalHTTP route answering DATA."""
+
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    return answer
+
+
+def redirect_to(location: str):
+    """A LocalHTTP route answering 302 to LOCATION."""
+
+    def answer(handler):
+        handler.send_response(302)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return answer
+
+
+def drip(seconds: float, every: float = 0.1):
+    """A LocalHTTP route promising a 1 MB body and sending one byte every EVERY seconds, for at
+    most SECONDS (a bounded loop), or until the client goes away."""
+    import time
+
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/png")
+        handler.send_header("Content-Length", str(10**6))
+        handler.end_headers()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            handler.wfile.write(b"\0")
+            handler.wfile.flush()
+            time.sleep(every)
+
+    return answer

@@ -16,7 +16,8 @@ import torch
 import fastvlm_mlx
 import reference as ref
 from conftest import reference_logits
-from fastvlm_mlx.convert import ConvertError, convert
+from fastvlm_mlx.convert import ConvertError, convert, write_atomically
+from fake_model import fake_model, marker_of
 from fastvlm_mlx.processing import format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,16 +363,207 @@ def test_misshaped_tensor_is_named_and_nothing_is_written(tiny_source, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no output, no temp dir
 
 
-def test_non_empty_destination_needs_force(tiny_source, tmp_path):
+def test_non_empty_destination_needs_force_and_force_replaces_only_a_converted_model(
+        tiny_source, tiny_converted, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("x")
     assert_one_line_error(run_cli("--model", tiny_source[1], "--out", dst), "--force")
-    assert (dst / "keep.txt").exists()
+    # --force does not delete what a conversion did not write.
+    r = run_cli("--hf-path", tiny_source[1], "--mlx-path", dst, "--force", "--dtype", "float32")
+    assert_one_line_error(r, "keep.txt", "does not write")
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    # It replaces a converted model, and only that.
+    (dst / "keep.txt").unlink()
+    shutil.copytree(tiny_converted, dst, dirs_exist_ok=True)
+    (dst / "model.safetensors").write_bytes(b"an older conversion")
     r = run_cli("--hf-path", tiny_source[1], "--mlx-path", dst, "--force", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert (dst / "model.safetensors").read_bytes() == (tiny_converted / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_force_through_a_symlink_replaces_its_target_every_time(tmp_path):
+    target = tmp_path / "models" / "tiny"
+    target.parent.mkdir()
+    fake_model("a")(target.parent)  # (a file beside, which nothing may touch)
+    (target.parent / "config.json").rename(target.parent / "notes.json")
+    target.mkdir()
+    fake_model("old")(target)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    for marker in ("b", "c", "d"):
+        write_atomically(link, fake_model(marker))
+        assert link.is_symlink() and marker_of(link) == marker
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "models"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.safetensors", "notes.json",
+                                                               "tiny", "tokenizer.json"]
+
+
+def test_force_onto_a_file_is_refused_each_time_and_old_leftovers_do_not_block(tiny_source, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    for _ in range(2):
+        assert_one_line_error(run_cli("--model", tiny_source[1], "--out", a_file, "--force"),
+                              "not a directory")
+    assert a_file.read_text() == "mine"
+    # What an older version left beside --out after a --force onto a symlink or a file (its
+    # `.NAME.old`, which it then could not remove) no longer makes every later --force fail.
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    fake_model("old")(dst)
+    for leftover in ("file", "symlink"):
+        old = tmp_path / ".dst.old"
+        if leftover == "file":
+            old.write_text("left by a killed run")
+        else:
+            old.symlink_to(a_file)
+        write_atomically(dst, fake_model(leftover))
+        assert marker_of(dst) == leftover and not os.path.lexists(old)
+    assert a_file.read_text() == "mine"
+
+
+KILL_SCRIPT = """
+import os, shutil, signal, sys
+from pathlib import Path
+import fastvlm_mlx.convert as C
+sys.path.insert(0, sys.argv[3])
+from fake_model import fake_model
+
+kill_after, calls = int(sys.argv[2]), [0]
+if sys.argv[4] == "without-exchange":  # a system without renameat2 / renamex_np
+    C._exchange = lambda a, b: False
+
+def counted(fn):
+    def run(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return run
+
+for module, name in [(os, "rename"), (os, "replace"), (os, "rmdir"), (os, "unlink"), (shutil, "rmtree"),
+                     (C, "_exchange")]:
+    if hasattr(module, name):
+        setattr(module, name, counted(getattr(module, name)))
+C.write_atomically(Path(sys.argv[1]), fake_model("new"))
+print(calls[0])
+"""
+
+
+@pytest.mark.parametrize("system", ["with-exchange", "without-exchange"])
+def test_killed_at_any_step_the_output_is_the_old_model_or_the_new_one(tmp_path, system):
+    """kill -9 after each file-system step of replacing a model: --out always holds a complete
+    model (without an atomic exchange, once the next run has put back what was aside), and the
+    next run cleans up what the killed one left."""
+    dst = tmp_path / "out" / "model"
+
+    def run(kill_after):
+        return subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(dst), str(kill_after),
+                               str(ROOT / "tests"), system], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    dst.parent.mkdir()
+    dst.mkdir()
+    fake_model("old")(dst)
+    steps = int(run(10**6).stdout)  # a run that is not killed counts its steps
+    assert steps >= 2 and marker_of(dst) == "new"
+    for kill_after in range(1, steps + 1):
+        shutil.rmtree(dst)
+        dst.mkdir()
+        fake_model("old")(dst)
+        r = run(kill_after)
+        assert r.returncode == -9, r.stderr
+        if system == "without-exchange":
+            from fastvlm_mlx.convert import remove_leftovers
+
+            remove_leftovers(dst)  # what the next run does first
+        assert marker_of(dst) in ("old", "new"), kill_after
+    write_atomically(dst, fake_model("after"))
+    assert marker_of(dst) == "after"
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["model"], "leftovers of killed runs"
+
+
+def dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_a_model_left_aside_by_a_killed_run_is_put_back(tmp_path):
+    """Killed between the two renames of the fallback (no atomic exchange): the old model is
+    aside and --out absent; the next run puts it back first."""
+    from fastvlm_mlx.convert import remove_leftovers
+
+    aside = tmp_path / f".model.old-{dead_pid()}-aside"
+    aside.mkdir()
+    fake_model("old")(aside)
+    remove_leftovers(tmp_path / "model")
+    assert marker_of(tmp_path / "model") == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_leftovers_of_killed_runs_are_removed_and_those_of_running_ones_kept(tmp_path):
+    dead = dead_pid()
+    dst = tmp_path / "model"
+    dst.mkdir()
+    fake_model("old")(dst)
+    for name in (f".model.tmp-{dead}-abc123", ".model.tmp-k3j9x_q1", f".model.old-{dead}-xyz",
+                 f".model.tmp-{os.getpid()}-running"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("half")
+    (tmp_path / "unrelated").mkdir()
+    write_atomically(dst, fake_model("new"))
+    assert marker_of(dst) == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".model.tmp-{os.getpid()}-running", "model",
+                                                          "unrelated"]
+
+
+def convert_cli(*args, cwd=ROOT, preexec_fn=None):
+    """The converter's CLI, run from CWD (the worktree's package on the path)."""
+    return subprocess.run([sys.executable, "-m", "fastvlm_mlx.convert", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=300, preexec_fn=preexec_fn)
+
+
+def test_out_dot_is_one_line(tiny_source, tmp_path):
+    assert_one_line_error(convert_cli("--model", tiny_source[1], "--out", ".", cwd=tmp_path),
+                          "current directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_source, tmp_path):
+    def small_files():  # a full disk, as far as this process can tell: writes past 1 MB fail
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    r = convert_cli("--model", tiny_source[1], "--out", tmp_path / "full" / "model", "--dtype",
+                    "float32", preexec_fn=small_files)
+    assert_one_line_error(r, "cannot write", "disk full")
+    assert list((tmp_path / "full").iterdir()) == [], "a failed write left files behind"
+
+
+def test_a_refused_pickle_is_one_line_and_never_unpickled(tiny_source, tmp_path):
+    import pickle
+
+    evil = tmp_path / "evil"
+    copy_tokenizer(tiny_source[1], evil)
+    shutil.copy2(tiny_source[1] / "config.json", evil / "config.json")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (evil / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": Exploit()}))
+    r = convert_cli("--model", evil, "--out", tmp_path / "o")
+    assert_one_line_error(r, "pytorch_model.bin")
+    # torch's message spans lines; only one-line warnings may come beside it
+    assert [l for l in r.stderr.splitlines() if not l.startswith("warning: ")] == [
+        next(l for l in r.stderr.splitlines() if l.startswith("error: "))], r.stderr
+    assert not marker.exists(), "the pickle was unpickled"
 
 
 def fill_hub_cache(hf_home: Path, repo: str, files_from: Path) -> None:

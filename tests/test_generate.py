@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastvlm_mlx import ChatSession, FeatureCache
 from fastvlm_mlx.generate import generate, stream_generate
-from fastvlm_mlx.processing import DEFAULT_SYSTEM, format_prompt, preprocess_image
+from fastvlm_mlx.processing import DEFAULT_SYSTEM, InputError, format_prompt, preprocess_image
 import reference as ref
 from reference import CountingTower, closed_port
 
@@ -142,6 +142,7 @@ def bad_images(tmp_path_factory, images):
         ("too-long", "context"),
         ("not-a-model", "notamodel"),
         ("bad-resolution", "resolution"),
+        ("feature-cache-env", "FASTVLM_FEATURE_CACHE_SIZE='abc'"),
     ],
 )
 def test_cli_bad_input_is_one_line(case, needle, tiny_converted, images, bad_images):
@@ -154,6 +155,8 @@ def test_cli_bad_input_is_one_line(case, needle, tiny_converted, images, bad_ima
         extra = ["--max-pixels", 1000]
     elif case == "pixel-cap-env":
         env = {"FASTVLM_MAX_PIXELS": "1000"}
+    elif case == "feature-cache-env":
+        env = {"FASTVLM_FEATURE_CACHE_SIZE": "abc"}
     elif case == "url":
         image = f"http://127.0.0.1:{closed_port()}/x.png"
     elif case == "too-long":
@@ -169,6 +172,94 @@ def test_cli_bad_input_is_one_line(case, needle, tiny_converted, images, bad_ima
     assert needle in lines[0], lines[0]
     assert "Traceback" not in p.stderr
     assert p.stdout == ""
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--top-p", 5], "top_p"),
+    (["--top-p", 0], "top_p"),
+    (["--min-p", 2], "min_p"),
+    (["--temp", "nan"], "temperature"),
+    (["--temp", "-1"], "temperature"),
+    (["--top-k", 100000], "top_k"),  # over the vocabulary (the model's, once loaded)
+    (["--top-k", -1], "top_k"),
+    (["--repetition-penalty", 0], "repetition_penalty"),
+    (["--repetition-context-size", -1, "--repetition-penalty", 1.1], "repetition_context_size"),
+    (["--seed", -1], "seed"),
+    (["--max-kv-size", 0], "max_kv_size"),
+    (["--prefill-step-size", 0], "prefill_step_size"),
+    (["--kv-bits", 4, "--kv-group-size", 0, "--quantized-kv-start", 0], "kv_group_size"),  # SIGFPE
+    (["--kv-bits", 7], "kv_bits"),
+    (["--resolution", 640000], "context"),  # 1e8 image slots, built even for a text-only prompt
+    (["--resolution", 1000000000], "context"),  # 2.4e14 of them
+])
+def test_cli_refuses_what_the_server_refuses_in_one_line(flags, needle, tiny_converted):
+    p = run_cli("--model", tiny_converted, "--prompt", "Hello", "--max-tokens", 2, *flags, timeout=120)
+    needle = needle if needle == "context" else f"{needle} must be"
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
+    assert p.stdout == ""
+
+
+def test_cli_says_what_an_image_path_is(tiny_converted, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    for image, needle in [(fifo, "named pipe"), ("/dev/zero", "a device"), (tmp_path, "a directory"),
+                          (loop, "symlink loop")]:
+        p = run_cli("--model", tiny_converted, "--image", image, "--max-tokens", 2, timeout=60)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and needle in lines[0], (image, p.stderr)
+
+
+def run_shell(command, timeout=120):
+    return subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, timeout=timeout)
+
+
+def test_cli_with_closed_standard_streams_and_a_prompt_that_is_not_utf_8(tiny_converted):
+    cli = f"exec {sys.executable} -m fastvlm_mlx.generate --model {tiny_converted} --max-tokens 2 -q"
+    # No stdin (0<&-): nothing reads it, and the model file is not mistaken for it.
+    p = run_shell(f"{cli} --prompt Hello 0<&-")
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr
+    # No stdout (>&-): the answer has nowhere to go, and the error says so.
+    p = run_shell(f"{cli} --prompt Hello >&-")
+    lines = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "standard output is closed" in lines[0], p.stderr
+    # A prompt in Latin-1, not UTF-8.
+    p = run_shell(f"{cli} --prompt $'caf\\xe9'")
+    lines = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "not valid UTF-8" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("option,value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -0.5),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("min_p", -0.1), ("min_p", 1.1),
+    ("top_k", -1), ("top_k", 2.5), ("top_k", 10**6), ("repetition_penalty", 0.0),
+    ("repetition_penalty", float("inf")), ("repetition_context_size", 0), ("seed", -1),
+    ("seed", 2**64), ("seed", 1.5), ("max_tokens", 0), ("max_kv_size", 0), ("prefill_step_size", 0),
+    ("kv_bits", 7), ("kv_bits", 0), ("kv_group_size", 0), ("kv_group_size", 16),
+    ("quantized_kv_start", -1),
+])
+def test_every_option_is_checked_in_one_place(option, value, tiny_loaded):
+    from fastvlm_mlx.generate import GenerationOptions, OptionError
+
+    model, processor = tiny_loaded
+    with pytest.raises(OptionError, match=f"^{option} must be") as e:
+        GenerationOptions.from_kwargs({option: value}, vocab_size=model.vocab_size)
+    assert e.value.option == option
+    with pytest.raises(OptionError):  # the API refuses it the same way, before any work
+        generate(model, processor, "Hello", **{"max_tokens": 2, option: value})
+
+
+def test_a_resolution_beyond_the_context_is_refused_before_anything_is_built(tiny_loaded):
+    model, processor = tiny_loaded
+    for size in (640000, 10**9):
+        with pytest.raises(InputError, match=f"resolution {size} needs .* image tokens"):
+            generate(model, processor, "Hello", max_tokens=2, resolution=size)
+        with pytest.raises(InputError, match="context"):
+            ChatSession(model, processor, resolution=size)
 
 
 def test_cli_usage_error_exits_2():

@@ -3,8 +3,11 @@ rules (EXIF, transparency, bit depth, every mode) pinned by pixel values."""
 
 import http.server
 import io
+import os
+import socket
 import struct
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from fastvlm_mlx.processing import InputError, image_digest, preprocess_image, to_pil
-from reference import closed_port
+from reference import LocalHTTP, closed_port, drip
 
 
 def png_bytes(w=60, h=40, seed=0, mode="RGB"):
@@ -73,6 +76,43 @@ def test_url_size_cap_404_timeout_and_refused(server, monkeypatch):
         to_pil(base + "/slow", timeout=0.5)
     with pytest.raises(InputError, match="cannot fetch"):
         to_pil(f"http://127.0.0.1:{closed_port()}/x.png")
+
+
+def test_a_url_fetch_has_a_total_deadline(monkeypatch):
+    """The timeout bounds the whole fetch, not each read: a body that drips one byte every 0.1 s
+    (each read well within the timeout) is cut off at the deadline, given as an argument or as
+    FASTVLM_URL_TIMEOUT (generate's)."""
+    web = LocalHTTP({"/drip": drip(seconds=8)})
+    try:
+        for how in ("argument", "environment"):
+            t0 = time.monotonic()
+            with pytest.raises(InputError, match="longer than 1 s"):
+                if how == "argument":
+                    to_pil(web.url("/drip"), timeout=1)
+                else:
+                    monkeypatch.setenv("FASTVLM_URL_TIMEOUT", "1")
+                    to_pil(web.url("/drip"))
+            assert time.monotonic() - t0 < 2.5, how
+    finally:
+        web.close()
+
+
+def test_paths_that_are_not_image_files_say_what_they_are(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "sock"))
+    try:
+        for path, words in [(fifo, "named pipe (FIFO)"), ("/dev/zero", "a device"),
+                            (tmp_path, "a directory"), (loop, "symlink loop"),
+                            (tmp_path / "sock", "a socket"), (tmp_path / "nope.png", "not found")]:
+            with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+                to_pil(path)
+    finally:
+        listening.close()
 
 
 def test_bad_files(tmp_path):
