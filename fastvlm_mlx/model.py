@@ -1,10 +1,10 @@
 """FastVLM: FastViTHD -> mlp2x_gelu connector -> mlx-lm's Qwen2, and the splice between them."""
 
+import functools
 from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import qwen2
 
 from .config import ModelConfig
 from .vision import FastViTHD
@@ -23,22 +23,31 @@ class Connector(nn.Module):
         return self.linear_2(nn.gelu(self.linear_1(x)))
 
 
-class LanguageModel(qwen2.Model):
-    """mlx-lm's Qwen2 decoder, its logits cut to the tokenizer's vocabulary.
+@functools.lru_cache(maxsize=None)
+def language_model_class() -> type:
+    """`LanguageModel`: mlx-lm's Qwen2 decoder, its logits cut to the tokenizer's vocabulary.
 
     Qwen2 checkpoints pad `embed_tokens` and `lm_head` past the tokenizer (151,936 rows for
     151,665 tokens). Apple's loader resizes both to len(tokenizer), so the padded ids are never
     produced and hold no softmax mass. Cutting the logits here does the same for every consumer
     (our first token, mlx-lm's `generate_step` and `BatchGenerator`, logprobs) and keeps the
     checkpoint's tensors as they are. `vocab_limit` None means the whole head.
+
+    Defined on first use: importing any part of mlx_lm runs its package `__init__`, which imports
+    transformers (and torch, when installed), 1-3 s; only building a model needs the decoder, so
+    `import fastvlm_mlx` and every tool's `--help` stay fast.
     """
+    from mlx_lm.models import qwen2
 
-    vocab_limit: Optional[int] = None
+    class LanguageModel(qwen2.Model):
+        vocab_limit: Optional[int] = None
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
-        logits = super().__call__(inputs, cache=cache, input_embeddings=input_embeddings)
-        n = self.vocab_limit
-        return logits if n is None or n >= logits.shape[-1] else logits[..., :n]
+        def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
+            logits = super().__call__(inputs, cache=cache, input_embeddings=input_embeddings)
+            n = self.vocab_limit
+            return logits if n is None or n >= logits.shape[-1] else logits[..., :n]
+
+    return LanguageModel
 
 
 def splice_image_features(
@@ -73,14 +82,16 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.vision_tower = FastViTHD(config.vision_config)
+        from mlx_lm.models import qwen2  # on first use: see language_model_class
+
         text_args = qwen2.ModelArgs.from_dict(config.text_config)
         self.multi_modal_projector = Connector(
             config.vision_config.num_features, text_args.hidden_size
         )
-        self.language_model = LanguageModel(text_args)
+        self.language_model = language_model_class()(text_args)
 
     def limit_vocabulary(self, n: int) -> None:
-        """Never produce ids >= n (the tokenizer's length): see LanguageModel."""
+        """Never produce ids >= n (the tokenizer's length): see language_model_class."""
         self.language_model.vocab_limit = min(int(n), self.language_model.args.vocab_size)
 
     @property
