@@ -12,6 +12,7 @@ import sys
 
 import fastvlm_mlx
 from fastvlm_mlx import ChatSession
+from fastvlm_mlx.processing import to_pil
 
 QUESTIONS = [
     "Describe the image in one sentence.",
@@ -27,19 +28,21 @@ def main():
     p.add_argument("--max-tokens", type=int, default=96)
     args = p.parse_args()
     try:
+        # Decoded once, before the model loads: a missing or broken image is one line, at once.
+        image = to_pil(args.image)
         model, processor = fastvlm_mlx.load(args.model)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
     print("== independent questions (feature cache)")
     for q in QUESTIONS:
-        r = fastvlm_mlx.generate(model, processor, q, images=[args.image], max_tokens=args.max_tokens)
+        r = fastvlm_mlx.generate(model, processor, q, images=[image], max_tokens=args.max_tokens)
         t = r.timings
         print(f"Q: {q}\nA: {r.text.strip()}")
         print(f"   TTFT {t.ttft_ms:.0f} ms, vision {t.vision_ms:.0f} ms, cache hit {r.feature_cache_hit}\n")
 
     print("== one conversation (KV cache)")
-    chat = ChatSession(model, processor, [args.image], max_tokens=args.max_tokens)
+    chat = ChatSession(model, processor, [image], max_tokens=args.max_tokens)
     for q in QUESTIONS:
         print(f"Q: {q}\nA: ", end="")
         for r in chat.stream(q):

@@ -17,13 +17,28 @@ import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
+from .extras import MissingDependency
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every default shown; descriptions and epilogs laid out as written."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every default shown; descriptions and epilogs laid out as written.
+
+    A flag's default is appended as "(default: X)" unless its help already says what the default
+    is (a None default means "what the model or the environment says", which only words can
+    tell), or the flag is a switch (off unless given) or required."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or action.required or not action.option_strings
+                or default is None or default is False or default is argparse.SUPPRESS
+                or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -95,12 +110,23 @@ def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace,
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_ERROR
-    except (ValueError, OSError) as e:  # InputError, ModelLoadError, ConvertError, I/O errors
+    except (ValueError, OSError, MissingDependency) as e:  # InputError, ModelLoadError, ConvertError,
+        # I/O errors, an optional package that is not installed (its line names the extra)
         print_error(e)
         return EXIT_ERROR
     except Exception as e:  # never a traceback for the user
         print_error(f"{type(e).__name__}: {e}")
         return EXIT_ERROR
+
+
+def str2bool(text: str) -> bool:
+    """mlx-lm's boolean flag values: True/T/yes/1 or False/F/no/0, any case."""
+    value = text.strip().lower()
+    if value in ("true", "t", "yes", "y", "1"):
+        return True
+    if value in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not True or False")
 
 
 def positive(cast: Callable):
@@ -158,15 +184,25 @@ def add_run_args(p: argparse.ArgumentParser, max_pixels_text: str = "100M") -> N
     add_dtype_arg(p)
 
 
+def add_verbosity_args(p: argparse.ArgumentParser, what: str) -> None:
+    """mlx-lm's `--verbose [True|False]` (default True), and `--quiet` for `--verbose False`;
+    both set ARGS.quiet."""
+    p.add_argument("--verbose", dest="quiet", nargs="?", const=False, default=False, metavar="BOOL",
+                   type=lambda text: not str2bool(text),
+                   help=f"print {what} on stderr (mlx-lm's flag; default True)")
+    p.add_argument("--quiet", dest="quiet", action="store_true", help="the same as --verbose False")
+
+
 def add_kv_args(p: argparse.ArgumentParser) -> None:
     """mlx-lm's KV-cache flags, passed straight through."""
     g = p.add_argument_group("KV cache (mlx-lm's flags)")
     # (their ranges are checked with the sampling options, by GenerationOptions.check)
     g.add_argument("--max-kv-size", type=int, default=None,
-                   help="a rotating KV cache of this many tokens")
+                   help="a rotating KV cache of this many tokens (default: unbounded)")
     g.add_argument("--prefill-step-size", type=int, default=2048,
                    help="prompt positions prefilled per step")
-    g.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to these bits")
+    g.add_argument("--kv-bits", type=int, default=None,
+                   help="quantize the KV cache to these bits (default: not quantized)")
     g.add_argument("--kv-group-size", type=int, default=64, help="group size of KV quantization")
     g.add_argument("--quantized-kv-start", type=int, default=5000,
                    help="quantize the KV cache once it holds this many tokens")

@@ -16,7 +16,6 @@ that every run decodes `--tokens` tokens.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -34,8 +33,10 @@ import numpy as np
 
 from . import _cli
 from .config import DTYPES
+from .convert import current_umask
+from .extras import require
 from .loader import runtime_dtype
-from .peers import PEERS, Inputs, PeerUnavailable, no_eos_greedy, others_bytes
+from .peers import PEERS, Inputs, PeerUnavailable, no_eos_greedy, others_bytes, unavailable
 from .processing import DEFAULT_SYSTEM, format_prompt
 from .random_model import ARCHS, random_model
 from .timing import TTFT_PARTS, Timings
@@ -177,34 +178,15 @@ class Result:
         }
 
 
-class Progress:
-    """One line on stderr, redrawn in place: [#####-----] step/total label."""
-
-    def __init__(self, total: int, stream=sys.stderr, width: int = 24):
-        self.total, self.done, self.stream, self.width = total, 0, stream, width
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        filled = self.width * self.done // self.total
-        bar = "#" * filled + "-" * (self.width - filled)
-        line = f"[{bar}] {self.done}/{self.total} {label}"
-        self.stream.write(("\r" + line.ljust(78)) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def sweep(ours: Ours, peers: Sequence, resolutions: Sequence[int], n_text: int, tokens: int,
           runs: int, warmup: int, quiet: bool = False) -> List[Result]:
     processor = ours.processor
     eos = list(processor.eos_token_ids)
     runtimes = [ours] + list(peers)
-    progress = Progress(len(resolutions) * len(runtimes) * (runs + warmup),
-                        stream=open(os.devnull, "w") if quiet else sys.stderr)
+    from tqdm import tqdm
+
+    progress = tqdm(total=len(resolutions) * len(runtimes) * (runs + warmup), unit="run",
+                    file=sys.stderr, disable=quiet, dynamic_ncols=True)
     results = []
     text = None
     for res in resolutions:
@@ -217,8 +199,9 @@ def sweep(ours: Ours, peers: Sequence, resolutions: Sequence[int], n_text: int, 
             r = Result(rt.name, rt.device, res, inputs.image_slots, len(ids))
             for i in range(warmup + runs):
                 kind = "warmup" if i < warmup else f"run {i - warmup + 1}/{runs}"
+                progress.set_description(f"{rt.name} {res}px {kind}")
                 timings = rt.run(inputs)
-                progress.step(f"{rt.name} {res}px {kind}")
+                progress.update()
                 if i >= warmup:
                     for k in METRICS:
                         r.samples.setdefault(k, []).append(float(getattr(timings, k)))
@@ -288,6 +271,7 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is 0600; a plain open's follows the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -305,9 +289,12 @@ def plot(results: List[Result], path: Path, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     x = np.arange(len(ours))
     bottom = np.zeros(len(ours))
-    for part in PARTS:
+    # The parts in shades of one colour map, the runtimes (right) in the default colour cycle: no
+    # colour means a part on the left and a runtime on the right.
+    shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(PARTS)))
+    for part, shade in zip(PARTS, shades):
         vals = np.array([r.median(part) for r in ours])
-        left.bar(x, vals, bottom=bottom, label=part[:-3].replace("_", " "))
+        left.bar(x, vals, bottom=bottom, color=shade, label=part[:-3].replace("_", " "))
         bottom += vals
     left.set_xticks(x, [f"{r.resolution}px\n{r.image_tokens} tok" for r in ours])
     left.set_ylabel("ms")
@@ -329,6 +316,7 @@ def plot(results: List[Result], path: Path, title: str) -> None:
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,22 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
         "resolutions, optionally side by side with PyTorch and mlx-vlm.",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a converted model, or a checkpoint/hub id load() converts")
+    src.add_argument("--model", help="a converted model, or a checkpoint/hub id load() converts "
+                     "(default: --arch 0.5b)")
     src.add_argument("--arch", choices=sorted(ARCHS), help="random weights of the real shapes (default 0.5b)")
     p.add_argument("--resolutions", default="256,512,768,1024,1536",
-                   help="comma-separated multiples of 64 (default %(default)s)")
+                   help="comma-separated multiples of 64")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="default float16, or float32 when MLX runs on the CPU (whose half-precision "
                    "matmul is slow)")
-    p.add_argument("--q-bits", type=int, choices=(4, 8), help="quantize the decoder and connector")
-    p.add_argument("--q-group-size", type=int, default=64)
+    p.add_argument("--q-bits", type=int, choices=(4, 8),
+                   help="quantize the decoder and connector (default: not quantized)")
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64,
+                   help="quantization group size")
     p.add_argument("--prompt-tokens", type=int, default=28, help="text tokens of the prompt, template included")
     p.add_argument("--tokens", type=int, default=32, help="tokens to generate per run (decode speed)")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per runtime and resolution")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     p.add_argument("--json", metavar="F", help="write the results as JSON to F")
     p.add_argument("--plot", metavar="F.png", help="draw TTFT and its parts (needs matplotlib)")
-    p.add_argument("--compare", default="", help="peers timed in the same run: torch, mlx-vlm")
+    p.add_argument("--compare", default="",
+                   help="peers timed in the same run, comma-separated: torch, mlx-vlm (a peer "
+                   "that is not installed is skipped with a note; default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -379,6 +372,25 @@ def parse_peers(text: str) -> List[str]:
     if unknown:
         raise BenchmarkError(f"--compare: unknown peer(s) {', '.join(unknown)} (torch, mlx-vlm)")
     return list(dict.fromkeys(peers))
+
+
+OPENBLAS = ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0")
+
+
+def openblas_note() -> Optional[str]:
+    """On Linux, MLX's CPU wheel bundles a reference BLAS 20-60x slower than OpenBLAS for float32
+    matmul (scripts/test.sh); a note on how to preload it when it is not loaded, else None."""
+    if platform.system() != "Linux" or mx.default_device() != mx.cpu:
+        return None
+    try:
+        if "libopenblas" in Path("/proc/self/maps").read_text():
+            return None
+    except OSError:
+        return None
+    lib = next((f for f in OPENBLAS if os.path.exists(f)), None)
+    how = (f"LD_PRELOAD={lib}" if lib else
+           "apt-get install libopenblas0-pthread, then LD_PRELOAD=/usr/lib/<arch>-linux-gnu/libopenblas.so.0")
+    return f"MLX's CPU matmul is 20-60x faster with OpenBLAS: run with {how} (README, Set-up)"
 
 
 def environment(args, dtype_name: str) -> dict:
@@ -406,17 +418,24 @@ def environment(args, dtype_name: str) -> dict:
 def run(args) -> int:
     resolutions = parse_resolutions(args.resolutions)
     peers = parse_peers(args.compare)
+    skipped = {name: unavailable(name) for name in peers if unavailable(name)}
+    for name, why in skipped.items():  # checked before any work; the others still run
+        print(f"note: skipping {why}", file=sys.stderr, flush=True)
+    peers = [name for name in peers if name not in skipped]
     for name, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
                              ("--tokens", args.tokens, 1), ("--prompt-tokens", args.prompt_tokens, 1)):
         if value < low:
             raise BenchmarkError(f"{name} must be at least {low}, got {value}")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise BenchmarkError("--plot needs matplotlib (pip install 'fastvlm-mlx[plot]')")
+    if args.plot:
+        require("plot", "--plot")
     for out in (args.json, args.plot):
         if out and not Path(out).resolve().parent.is_dir():
             raise BenchmarkError(f"cannot write {out}: its directory does not exist")
         if out and not os.access(Path(out).resolve().parent, os.W_OK):
             raise BenchmarkError(f"cannot write {out}: its directory is not writable")
+    note = openblas_note()
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     dtype = runtime_dtype(args.dtype) or mx.float16
     dtype_name = str(dtype).split(".")[-1]
 
@@ -441,8 +460,10 @@ def run(args) -> int:
     if rows:
         print(format_ratios(rows))
     if args.json:
-        doc = {**env, "results": [r.to_dict() for r in results], "ratios": rows}
+        doc = {**env, "results": [r.to_dict() for r in results], "ratios": rows,
+               "skipped_peers": skipped}
         write_atomically(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+        print(f"wrote {args.json}", file=sys.stderr, flush=True)
     if args.plot:
         plot(results, Path(args.plot), f"{env['model']}, {dtype_name}, {env['device']}, {env['date']}")
     return 0

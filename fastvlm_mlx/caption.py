@@ -303,16 +303,19 @@ def build_parser():
                    help="a file of image paths, one per line (repeatable)")
     p.add_argument("--out", "-o", default="captions.jsonl", help="the JSONL output (appended to)")
     _cli.add_model_arg(p)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked of every image")
-    p.add_argument("--system", default=DEFAULT_SYSTEM, help="system message")
-    p.add_argument("--max-tokens", "-m", type=_cli.positive(int), default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the question asked of every image")
+    p.add_argument("--system", "--system-prompt", dest="system", default=DEFAULT_SYSTEM,
+                   help="system message")
+    p.add_argument("--max-tokens", "-m", type=_cli.positive(int), default=DEFAULT_MAX_TOKENS,
+                   help="the most tokens per caption")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images decoded together (rows of the batch)")
     _cli.add_temperature_arg(p)
-    p.add_argument("--seed", type=int, default=None, help="each image's sampling seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="each image's sampling seed (default: unseeded)")
     _cli.add_run_args(p)
     p.add_argument("--retry-errors", action="store_true", help="caption again the paths with an error row")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    _cli.add_verbosity_args(p, "the progress bar and the summary")
     return p
 
 

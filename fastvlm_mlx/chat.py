@@ -161,6 +161,9 @@ def run_chat(args) -> int:
                           **options)
     session.load_ms += load_ms  # the images were decoded before the model loaded
     interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:  # (piped turns need no instructions)
+        print(f"fastvlm-chat: {args.model}, {len(images)} image(s). Ask a question; "
+              "/exit, Ctrl+D or Ctrl+C ends.", file=sys.stderr, flush=True)
     prompt = args.prompt
     while True:
         if prompt is None:

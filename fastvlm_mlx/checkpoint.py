@@ -40,14 +40,24 @@ class SourceUnavailable(ConvertError):
     def __init__(self, source: str, reason: str):
         super().__init__(
             f"cannot fetch {source} from the Hugging Face hub ({reason}); offline? download it "
-            "elsewhere, then convert the local copy: "
-            "python -m fastvlm_mlx.convert --model PATH --out DST"
+            f"where the hub is reachable (hf download {source} --local-dir PATH), bring PATH here "
+            f"and pass --model PATH, or convert it once: python -m fastvlm_mlx convert --model "
+            f"PATH --out mlx/{source.rsplit('/', 1)[-1]}"
         )
         self.source, self.reason = source, reason
 
 
 # ---------------------------------------------------------------------------------------------
 # Where it is
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether TEXT, which names nothing on disk, was meant as a local path: it is not of a hub
+    id's form (`org/name`: no leading / or ~, one /), starts with ., or its parent directory
+    exists (`mlx/FastVLM-0.5b` beside an `mlx/` folder)."""
+    return not HUB_ID.fullmatch(text) or text.startswith(".") or Path(text).parent.is_dir()
 
 
 def resolve_source(src) -> Path:
@@ -57,14 +67,20 @@ def resolve_source(src) -> Path:
         if not path.is_dir():
             raise ConvertError(f"{path} is not a directory")
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-        raise ConvertError(f"{src} is neither a directory nor a Hugging Face repo id")
+    if looks_like_path(str(src)):
+        hint = "" if HUB_ID.fullmatch(str(src)) else " (nor a Hugging Face repo id, which is org/name)"
+        raise ConvertError(f"{src}: no such directory{hint}")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(src), allow_patterns=SOURCE_PATTERNS))
     except Exception as e:  # offline, unknown repo, network: huggingface-hub has many types
         raise SourceUnavailable(str(src), type(e).__name__) from None
+
+
+def weights_bytes(src: Path) -> int:
+    """The size of the source's weight files on disk."""
+    return sum(Path(f).stat().st_size for f in _weight_files(src))
 
 
 def check_source(src: Path) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+from tqdm import tqdm
 
 from . import _cli
 from ._callable_module import make_callable
@@ -51,7 +52,7 @@ def save_converted(dst: Path, model: Model, config: dict, tokenizer_src: Optiona
     if tokenizer_src is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer_src / name).is_file():
-                shutil.copy2(tokenizer_src / name, dst / name)
+                shutil.copyfile(tokenizer_src / name, dst / name)  # (a new file: the umask's mode)
 
 
 def quantize_model(model: Model, config: dict, q_bits: int, q_group_size: int) -> dict:
@@ -78,8 +79,10 @@ def convert(
     q_bits: int = 4,
     q_group_size: int = 64,
     force: bool = False,
+    progress: bool = False,
 ) -> Path:
-    """Convert SRC (directory or hub id) into the fastvlm_mlx directory DST; returns DST."""
+    """Convert SRC (directory or hub id) into the fastvlm_mlx directory DST; returns DST.
+    PROGRESS: a progress bar of its steps on stderr, when that is a terminal."""
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r} (float16, bfloat16 or float32)")
     dst = destination(dst, force)
@@ -101,11 +104,17 @@ def convert(
     except WeightError as e:
         raise ConvertError(str(e)) from None
     del weights
-    out_config = config.to_dict()
-    if quantize:
-        out_config = quantize_model(model, out_config, q_bits, q_group_size)
-    mx.eval(model.parameters())
-    write_atomically(dst, lambda tmp: save_converted(tmp, model, out_config, src), force)
+    # (tqdm's disable=None: no bar where stderr is not a terminal, so a log keeps one error line)
+    with tqdm(total=2, desc=f"converting to {dtype}", unit="step", file=sys.stderr,
+              disable=None if progress else True, leave=False) as bar:
+        out_config = config.to_dict()
+        if quantize:
+            out_config = quantize_model(model, out_config, q_bits, q_group_size)
+        mx.eval(model.parameters())  # the cast (and quantized) weights are computed here
+        bar.update()
+        bar.set_description(f"writing {dst.name}")
+        write_atomically(dst, lambda tmp: save_converted(tmp, model, out_config, src), force)
+        bar.update()
     return dst
 
 
@@ -214,6 +223,13 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def current_umask() -> int:
+    """The process's umask (there is no getter: set it and put it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(dst: Path, write, force: bool = True) -> None:
     """`write(tmp)` into a hidden directory beside DST (checked by `destination`, with FORCE),
     then put it in DST's place in one step:
@@ -226,6 +242,7 @@ def write_atomically(dst: Path, write, force: bool = True) -> None:
     remove_leftovers(dst)
     prefix = f".{dst.name}.tmp-{os.getpid()}-"
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename into DST
     try:
         try:
             write(tmp)
@@ -249,7 +266,8 @@ def write_atomically(dst: Path, write, force: bool = True) -> None:
 def build_parser():
     p = _cli.ArgumentParser(prog="fastvlm-convert", description=__doc__.splitlines()[0])
     p.add_argument("--model", "--hf-path", dest="model", required=True,
-                   help="the source: a checkpoint directory (any layout above) or a hub id")
+                   help="the source: a Hugging Face hub id (such as apple/FastVLM-0.5B, downloaded "
+                   "into the hub's cache) or a local checkpoint directory, in any layout above")
     p.add_argument("--out", "--mlx-path", dest="out", required=True, help="the output directory")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES),
                    help="the dtype of every floating tensor (each cast once)")
@@ -267,7 +285,7 @@ def build_parser():
 def run_cli(a) -> int:
     out = convert(
         a.model, a.out, a.dtype, quantize=a.quantize or a.q_bits is not None,
-        q_bits=a.q_bits or 4, q_group_size=a.q_group_size, force=a.force,
+        q_bits=a.q_bits or 4, q_group_size=a.q_group_size, force=a.force, progress=True,
     )
     print(f"converted {a.model} -> {out}", file=sys.stderr)
     return 0

@@ -618,20 +618,30 @@ def build_parser():
     _cli.add_model_arg(p)
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="IMG",
                    help="image path or http(s) URL; repeat or list several")
-    p.add_argument("--prompt", default=None, help=f'the question (default "{DEFAULT_PROMPT}")')
-    p.add_argument("--system", default=DEFAULT_SYSTEM, help="system message")
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--prompt", "-p", default=None, help=f'the question (default "{DEFAULT_PROMPT}")')
+    p.add_argument("--system", "--system-prompt", dest="system", default=DEFAULT_SYSTEM,
+                   help="system message")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="the most tokens to generate")
     _cli.add_temperature_arg(p)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--repetition-context-size", type=int, default=20)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the most likely tokens whose probabilities sum to P (default: "
+                   "the model's generation_config.json, else 1: off)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the K most likely tokens (default: the model's "
+                   "generation_config.json, else 0: off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than P times the most likely one (default: the "
+                   "model's generation_config.json, else 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalize the logits of recent tokens by this factor (default: off)")
+    p.add_argument("--repetition-context-size", type=int, default=20,
+                   help="how many recent tokens --repetition-penalty looks at")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     _cli.add_run_args(p)
     _cli.add_kv_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
-    p.add_argument("--quiet", "-q", action="store_true", help="no stats block")
+    _cli.add_verbosity_args(p, "the stats block (TTFT and its parts, tokens/s, memory)")
     return p
 
 

@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import ModelConfig
+from .extras import EXTRAS, install_line, missing
 from .processing import preprocess_image
 from .random_model import tame_random_weights
 from .timing import Clock, Timings
@@ -91,7 +92,7 @@ def import_mlx_vlm_fastvlm():
     if "mlx_vlm" not in sys.modules:  # a second peer finds the bare package of the first
         spec = importlib.util.find_spec("mlx_vlm")
         if spec is None or not spec.submodule_search_locations:
-            raise PeerUnavailable("--compare mlx-vlm needs mlx-vlm installed (pip install mlx-vlm)")
+            raise PeerUnavailable(unavailable("mlx-vlm") or "--compare mlx-vlm: mlx_vlm is not a package")
         package = types.ModuleType("mlx_vlm")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["mlx_vlm"] = package
@@ -106,6 +107,7 @@ class MlxVlm:
     """mlx-vlm's fastvlm port, random weights of our model's shapes, same dtype and quantization."""
 
     name = "mlx-vlm"
+    requires, install = ("mlx_vlm",), "pip install mlx-vlm"
 
     def __init__(self, config: ModelConfig, dtype: mx.Dtype, q_bits: Optional[int] = None,
                  q_group_size: int = 64):
@@ -186,6 +188,7 @@ class Torch:
     in the same dtype; not quantized (Q_BITS is accepted for the common signature only)."""
 
     name = "torch"
+    requires, install = EXTRAS["verify"], install_line("verify")
 
     def __init__(self, config: ModelConfig, dtype: mx.Dtype, q_bits: Optional[int] = None,
                  q_group_size: int = 64):
@@ -267,3 +270,13 @@ class Torch:
 
 # The peers by their --compare names, each built as PEER(config, dtype, q_bits, q_group_size).
 PEERS = {"torch": Torch, "mlx-vlm": MlxVlm}
+
+
+def unavailable(name: str) -> Optional[str]:
+    """Why peer NAME cannot run here, with the line that installs it; None when it can. Its
+    packages are looked up, not imported, so the check costs nothing before any work."""
+    peer = PEERS[name]
+    absent = missing(peer.requires)
+    if not absent:
+        return None
+    return f"--compare {name} needs {', '.join(absent)}, not installed here: {peer.install}"

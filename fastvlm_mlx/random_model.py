@@ -7,12 +7,13 @@ but the prompt still goes through the template and tokenization, and the answer 
 mlx-lm's detokenizer, so both cost what they cost with the real model.
 """
 
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelConfig
+from .config import ModelConfig, VisionConfig
 
 # The released decoders (fastvlm-reference.md). Tokens ids are Qwen2's.
 ARCHS = {
@@ -89,3 +90,38 @@ def random_model(arch: str, dtype: mx.Dtype, q_bits: Optional[int], q_group_size
     model.eval()
     mx.eval(model.parameters())
     return model, synthetic_processor(config)
+
+
+def small_config() -> ModelConfig:
+    """A small FastVLM: one block per stage of a narrow FastViTHD (the same block types) at
+    256 px, and a two-layer decoder over Qwen2's vocabulary, so that the synthetic tokenizer fits."""
+    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=128, vocab_size=ARCHS["0.5b"]["vocab_size"], tie_word_embeddings=True,
+                rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096)
+    vision = VisionConfig(depths=[1, 1, 1, 1, 1], widths=[16, 32, 64, 128, 256])
+    return ModelConfig(text_config=text, vision_config=vision, image_size=256,
+                       image_token_id=IMAGE_ID, eos_token_id=[IM_END, ENDOFTEXT])
+
+
+def write_small_model(dst: Union[str, Path]) -> Path:
+    """A converted model directory of random weights at `small_config()`'s shapes, with the
+    synthetic tokenizer, written as the converter writes (atomically, into a new DST): what a
+    check of the installed tools runs without a download or torch (scripts/check_runtime_install.sh,
+    the README's tests)."""
+    from .convert import save_converted, write_atomically
+    from .model import Model
+
+    config = small_config()
+    model = Model(config)
+    tame_random_weights(model)
+    model.set_dtype(mx.float16)  # as converted models are
+    mx.eval(model.parameters())
+    tokenizer = synthetic_processor(config).tokenizer._tokenizer
+
+    def write(tmp: Path) -> None:
+        save_converted(tmp, model, config.to_dict(), None)
+        tokenizer.save_pretrained(str(tmp))
+
+    dst = Path(dst)
+    write_atomically(dst, write, force=False)
+    return dst

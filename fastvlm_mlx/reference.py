@@ -27,6 +27,7 @@ from .checkpoint import (
     text_fields,
     vision_depths,
 )
+from .extras import EXTRAS, install_line, missing
 
 
 class ReferenceUnavailable(Exception):
@@ -40,21 +41,11 @@ class ReferenceNotInstalled(ReferenceUnavailable):
 def check_reference_packages() -> None:
     """torch, transformers and timm findable; looked up, not imported, so that nothing (such as
     transformers' own warning about a missing torch) is printed before our one line."""
-    import importlib.util
-
-    missing = []
-    for name in ("torch", "transformers", "timm"):
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    if missing:
+    absent = missing(EXTRAS["verify"])
+    if absent:
         raise ReferenceNotInstalled(
-            f"verify needs the PyTorch reference, and {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not installed: "
-            "pip install torch transformers timm (or pip install -e '.[test]')"
+            f"verify needs the PyTorch reference, and {', '.join(absent)} "
+            f"{'is' if len(absent) == 1 else 'are'} not installed: {install_line('verify')}"
         )
 
 

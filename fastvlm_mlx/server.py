@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Union
 
 from . import _cli
+from .extras import require
 from .engine import (
     EngineBusy,
     EngineError,
@@ -517,6 +518,7 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
     with the app's lifespan)."""
     import contextlib
 
+    require("server", "create_app", ("fastapi",))
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -797,7 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_temperature_arg(p, dest="temperature", default=d.temperature,
                              when=" when the request gives none")
     p.add_argument("--top-p", type=float, default=d.top_p, help="when the request gives none")
-    p.add_argument("--system", default=d.system, help="system message when the request has none")
+    p.add_argument("--system", "--system-prompt", dest="system", default=d.system,
+                   help="system message when the request has none")
     _cli.add_run_args(p, max_pixels_text=f"{SERVER_MAX_PIXELS // 10**6}M")
     p.add_argument("--max-url-bytes", type=positive(int), default=None,
                    help="refuse image URLs with larger bodies (default 50 MiB, or $FASTVLM_MAX_URL_BYTES)")
@@ -822,7 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-bytes", type=positive(int), default=d.prompt_cache_bytes,
                    help="bytes of KV cache kept in all")
     _cli.add_kv_args(p)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level")
     return p
 
 
@@ -900,6 +904,7 @@ def uvicorn_server(app, host: str, port: int, log_level: str = "info", on_listen
 
 
 def run_server(args) -> int:
+    require("server", "fastvlm-server")  # before the model loads
     settings = settings_from_args(args)
     settings.check()  # before the model loads
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")

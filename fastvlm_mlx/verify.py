@@ -113,8 +113,8 @@ def resolve_source(model: str) -> Path:
     except checkpoint.SourceUnavailable as e:
         raise VerifyError(
             f"the weights of {model} are not available: not in the local Hugging Face cache and "
-            f"not downloadable ({e.reason}); offline? fetch them once online, or pass "
-            "--model PATH (a local checkpoint)",
+            f"not downloadable ({e.reason}); offline? download them where the hub is reachable "
+            f"(hf download {model} --local-dir PATH), bring PATH here and pass --model PATH",
             EXIT_NO_WEIGHTS,
         ) from None
 
