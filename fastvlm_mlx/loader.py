@@ -101,7 +101,7 @@ def _source_key(src: Path) -> str:
 def converted_path(path_or_repo: Union[str, Path]) -> Path:
     """A converted directory for PATH_OR_REPO, converting (once, into the cache) when needed."""
     # The converter is imported only here: loading a converted directory does not need it.
-    from .checkpoint import resolve_source, weights_bytes
+    from .checkpoint import check_source, resolve_source, weights_bytes
     from .convert import convert
 
     path = Path(path_or_repo).expanduser()
@@ -113,8 +113,10 @@ def converted_path(path_or_repo: Union[str, Path]) -> Path:
     name = re.sub(r"[^\w.-]+", "--", str(path_or_repo)).strip("-")[-80:]
     dst = cache_root() / f"{name}-{_source_key(src)}"
     if not is_converted(dst):
+        check_source(src)  # (a source that is no checkpoint fails here, before the line below)
+        size = weights_bytes(src)
         # Said once, since the next load finds DST: a conversion should not fill a disk silently.
-        print(f"fastvlm_mlx: converting {path_or_repo} ({_gigabytes(weights_bytes(src))} of weights) "
+        print(f"fastvlm_mlx: converting {path_or_repo} ({_gigabytes(size)} of weights) "
               f"to float16 into {dst}, once: later loads reuse it", file=sys.stderr, flush=True)
         convert(src, dst, dtype="float16", force=True, progress=True)
     return dst
