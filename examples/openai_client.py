@@ -12,8 +12,12 @@ import argparse
 import base64
 import mimetypes
 import os
+import sys
 
-from openai import OpenAI
+try:
+    from openai import OpenAI
+except ImportError:
+    sys.exit('error: this example needs the openai client: pip install "fastvlm-mlx[server]"')
 
 
 def data_url(path: str) -> str:

@@ -280,6 +280,7 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
 
 def plot(results: List[Result], path: Path, title: str) -> None:
     """TTFT and its parts against resolution (stacked, ours) and TTFT against image tokens (all)."""
+    require("plot", "plot()")
     import matplotlib
 
     matplotlib.use("Agg")

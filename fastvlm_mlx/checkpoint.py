@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import mlx.core as mx
 
 from .config import ModelConfig, ModelLoadError, VisionConfig
+from .extras import install_line
 from .weights import WeightError, detect_layout, from_torch
 
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt", "*.jinja", "*.model"]
@@ -152,7 +153,8 @@ def read_source_weights(src: Path) -> Dict[str, mx.array]:
         import torch  # noqa: F401
     except ImportError:
         raise ConvertError(
-            f"{src} holds pytorch_model.bin, which needs torch to read: pip install torch"
+            f"{src} holds pytorch_model.bin, which needs torch to read: {install_line('verify')} "
+            "(or pip install torch)"
         ) from None
     return _read_each(files, lambda f: from_torch(_torch_load(f)))
 

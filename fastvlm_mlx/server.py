@@ -884,6 +884,7 @@ def uvicorn_server(app, host: str, port: int, log_level: str = "info", on_listen
     ON_LISTENING once its socket accepts connections, and on shutdown (SIGTERM, Ctrl+C) first
     ends the model's work: waiting requests get a 503 `server_shutting_down`, a running stream
     ends with its final chunk. Run it with `.run(sockets=[sock])`."""
+    require("server", "uvicorn_server", ("uvicorn",))
     import uvicorn
 
     engine = app.state.engine

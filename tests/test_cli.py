@@ -240,3 +240,42 @@ def test_chat_on_a_terminal_starts_with_a_banner_and_the_way_out(tiny_converted,
     err = capsys.readouterr().err
     first = err.splitlines()[0]
     assert first.startswith(f"fastvlm-chat: {tiny_converted}, 1 image(s).") and "/exit" in first and "Ctrl+D" in first
+
+
+# -- the install: pyproject's extras, the test command's check, the missing-extra lines agree ------
+
+
+def extras_of_pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = project["name"]
+
+    def packages(extra):
+        out = set()
+        for req in project["optional-dependencies"][extra]:
+            m = re.match(r"([A-Za-z0-9_.-]+)(\[([^\]]*)\])?", req)
+            if m.group(1) == name:  # fastvlm-mlx[server,plot,verify]: those extras' packages
+                for other in m.group(3).split(","):
+                    out |= packages(other.strip())
+            else:
+                out.add(m.group(1).lower())
+        return out
+
+    return {extra: packages(extra) for extra in project["optional-dependencies"]}, project["dependencies"]
+
+
+def test_the_test_command_checks_for_the_whole_test_extra():
+    extras, runtime = extras_of_pyproject()
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    names = set(re.findall(r'"([\w-]+)"', script[script.index("names = ("):script.index("sys.exit(any")]))
+    assert names == extras["test"]  # (each of these packages imports under its own name)
+    assert not any(r.startswith(("torch", "timm", "fastapi", "uvicorn", "openai", "matplotlib")) for r in runtime)
+
+
+def test_each_missing_extra_line_names_an_extra_that_holds_the_package():
+    from fastvlm_mlx.extras import EXTRAS
+
+    extras, _ = extras_of_pyproject()
+    for extra, modules in EXTRAS.items():
+        assert set(modules) <= extras[extra], extra
+    assert "openai" in extras["server"]  # the README's snippet and examples/openai_client.py

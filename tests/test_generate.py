@@ -219,7 +219,7 @@ def run_shell(command, timeout=120):
 
 
 def test_cli_with_closed_standard_streams_and_a_prompt_that_is_not_utf_8(tiny_converted):
-    cli = f"exec {sys.executable} -m fastvlm_mlx.generate --model {tiny_converted} --max-tokens 2 -q"
+    cli = f"exec {sys.executable} -m fastvlm_mlx.generate --model {tiny_converted} --max-tokens 2 --quiet"
     # No stdin (0<&-): nothing reads it, and the model file is not mistaken for it.
     p = run_shell(f"{cli} --prompt Hello 0<&-")
     assert p.returncode == 0 and p.stdout.strip(), p.stderr
