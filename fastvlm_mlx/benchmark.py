@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from . import _cli
 from .config import DTYPES
@@ -183,8 +184,6 @@ def sweep(ours: Ours, peers: Sequence, resolutions: Sequence[int], n_text: int, 
     processor = ours.processor
     eos = list(processor.eos_token_ids)
     runtimes = [ours] + list(peers)
-    from tqdm import tqdm
-
     progress = tqdm(total=len(resolutions) * len(runtimes) * (runs + warmup), unit="run",
                     file=sys.stderr, disable=quiet, dynamic_ncols=True)
     results = []
@@ -419,7 +418,7 @@ def environment(args, dtype_name: str) -> dict:
 def run(args) -> int:
     resolutions = parse_resolutions(args.resolutions)
     peers = parse_peers(args.compare)
-    skipped = {name: unavailable(name) for name in peers if unavailable(name)}
+    skipped = {name: why for name in peers if (why := unavailable(name))}
     for name, why in skipped.items():  # checked before any work; the others still run
         print(f"note: skipping {why}", file=sys.stderr, flush=True)
     peers = [name for name in peers if name not in skipped]

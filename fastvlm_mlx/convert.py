@@ -242,8 +242,8 @@ def write_atomically(dst: Path, write, force: bool = True) -> None:
     remove_leftovers(dst)
     prefix = f".{dst.name}.tmp-{os.getpid()}-"
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename into DST
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename into DST
         try:
             write(tmp)
         except (OSError, RuntimeError) as e:  # mlx's writer raises RuntimeError("[write] ...")

@@ -106,8 +106,8 @@ def small_config() -> ModelConfig:
 def write_small_model(dst: Union[str, Path]) -> Path:
     """A converted model directory of random weights at `small_config()`'s shapes, with the
     synthetic tokenizer, written as the converter writes (atomically, into a new DST): what a
-    check of the installed tools runs without a download or torch (scripts/check_runtime_install.sh,
-    the README's tests)."""
+    check of the installed tools runs without a download or torch
+    (scripts/check_runtime_install.sh)."""
     from .convert import save_converted, write_atomically
     from .model import Model
 
