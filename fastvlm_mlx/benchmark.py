@@ -289,9 +289,9 @@ def plot(results: List[Result], path: Path, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     x = np.arange(len(ours))
     bottom = np.zeros(len(ours))
-    # The parts in shades of one colour map, the runtimes (right) in the default colour cycle: no
-    # colour means a part on the left and a runtime on the right.
-    shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(PARTS)))
+    # The parts in shades of grey, the runtimes (right) in the default colour cycle: no colour
+    # means a part on the left and a runtime on the right.
+    shades = plt.get_cmap("Greys")(np.linspace(0.25, 0.9, len(PARTS)))
     for part, shade in zip(PARTS, shades):
         vals = np.array([r.median(part) for r in ours])
         left.bar(x, vals, bottom=bottom, color=shade, label=part[:-3].replace("_", " "))

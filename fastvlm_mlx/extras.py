@@ -6,6 +6,7 @@ needs one checks for it first, without importing it, and a missing one is one li
 """
 
 import importlib.util
+import sys
 from typing import Sequence
 
 # What each extra must provide, by import name (pyproject.toml's extras hold the packages).
@@ -28,9 +29,11 @@ def missing(modules: Sequence[str]) -> list:
     """The MODULES that cannot be imported here (looked up, not imported: cheap, and silent)."""
     out = []
     for name in modules:
+        if sys.modules.get(name) is not None:  # imported already (mlx-vlm's bare package too)
+            continue
         try:
             found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # a broken install counts as missing
+        except (ImportError, ValueError):  # a broken install, or sys.modules[name] = None
             found = False
         if not found:
             out.append(name)
