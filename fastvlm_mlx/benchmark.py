@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="timed runs per runtime and resolution")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     p.add_argument("--json", metavar="F", help="write the results as JSON to F")
-    p.add_argument("--plot", metavar="F.png", help="draw TTFT and its parts (needs matplotlib)")
+    p.add_argument("--plot", metavar="F.png",
+                   help="draw TTFT and its parts into F.png (the plot extra: matplotlib)")
     p.add_argument("--compare", default="",
                    help="peers timed in the same run, comma-separated: torch, mlx-vlm (a peer "
                    "that is not installed is skipped with a note; default: none)")
