@@ -9,6 +9,7 @@ gives with its real `<image>` token.
 """
 
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -387,7 +388,7 @@ class Processor:
         own = getattr(self.tokenizer, "eos_token_ids", None) or []
         return frozenset(self.eos_token_ids) | frozenset(own)
 
-    @property
+    @functools.cached_property  # (read on every follow-up turn; the tokenizer does not change)
     def im_end_id(self) -> Optional[int]:
         ids = self.tokenizer.encode("<|im_end|>", add_special_tokens=False)
         return ids[0] if len(ids) == 1 else None
