@@ -74,6 +74,12 @@ def _import_av():
     return av
 
 
+def check_file(path: VideoInput) -> None:
+    """What can be told without opening PATH: PyAV is installed, and PATH is a regular file."""
+    _import_av()
+    check_regular_file(Path(path), "video")
+
+
 def check_sampling(frames: Optional[int] = None, fps: Optional[float] = None) -> None:
     """Refuse a bad `frames` / `fps` (one or neither may be given)."""
     if frames is not None and fps is not None:
@@ -142,10 +148,10 @@ def read_video(path: VideoInput, frames: Optional[int] = None, fps: Optional[flo
     keeping more than MAX_FRAMES images); frames over MAX_PIXELS (the images' pixel cap) are
     refused. Every failure is a VideoError."""
     check_sampling(frames, fps)
-    av = _import_av()
     t0 = time.perf_counter()
+    check_file(path)
+    av = _import_av()
     path = Path(path)
-    check_regular_file(path, "video")
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as e:
