@@ -293,3 +293,15 @@ def test_a_missing_pyav_is_one_line_naming_the_extra(tiny_converted, videos):
     assert p.returncode == 1
     assert p.stderr.strip() == f"error: {MISSING_PYAV}"
     assert 'pip install "fastvlm-mlx[video]"' in MISSING_PYAV
+
+
+def test_batch_generate_takes_a_video_per_prompt(tiny_loaded, videos):
+    from fastvlm_mlx import batch_generate
+
+    model, processor = tiny_loaded
+    results = batch_generate(model, processor, [PROMPT, "Hello"], videos=[videos["clip"], None],
+                             frames=3, max_tokens=4, feature_cache=False)
+    alone = generate(model, processor, PROMPT, video=videos["clip"], frames=3, max_tokens=4,
+                     feature_cache=False)
+    assert results[0].token_ids == alone.token_ids
+    assert results[0].image_tokens == 3 * processor.tokens_per_image() and results[1].image_tokens == 0
