@@ -18,9 +18,9 @@ Decoding is sequential, in presentation order, and keeps only the wanted frames 
 frame is held besides them), so memory does not grow with the video's length.
 
 Refused, each in one line (VideoError, an InputError): a missing file or one that is not a
-video (no video stream, or an image: pass that as an image), a video with no frames, one with
-frames over the pixel cap, and a truncated or damaged one (its decodable frames end before a
-sampling position, or a packet fails to decode). A truncated video is refused rather than
+video (no video stream, or an image: pass that as an image), a URL, a video with no frames, one
+with frames over the pixel cap, and a truncated or damaged one (its decodable frames end more
+than a frame interval before the last sampling position, or a packet fails to decode). A truncated video is refused rather than
 sampled on what is left: the positions were spread over the duration it declares, and an answer
 about part of it would be an answer about another clip than the user thinks.
 """
@@ -33,7 +33,7 @@ from typing import List, Optional, Union
 
 from PIL import Image
 
-from .processing import InputError, check_regular_file, pixel_cap
+from .processing import InputError, check_regular_file, is_url, pixel_cap
 from .timing import ms_since
 
 DEFAULT_FRAMES = 8
@@ -77,6 +77,8 @@ def _import_av():
 def check_file(path: VideoInput) -> None:
     """What can be told without opening PATH: PyAV is installed, and PATH is a regular file."""
     _import_av()
+    if is_url(path):
+        raise VideoError(f"video URLs are not read ({path}): download the file and pass its path")
     check_regular_file(Path(path), "video")
 
 

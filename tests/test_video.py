@@ -205,6 +205,7 @@ def test_api_refusals(tiny_loaded, videos):
         (dict(frames=2), "need video"),
         (dict(video=videos["truncated"]), "truncated"),
         (dict(video=videos["long"], frames=300), "at most"),
+        (dict(video="https://example.com/clip.mp4"), "URLs are not read"),
     ]
     for kwargs, needle in cases:
         with pytest.raises(ValueError, match=needle):
