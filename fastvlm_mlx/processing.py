@@ -23,17 +23,14 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps
 
-from .config import ModelConfig
+from . import fetch
+from .config import InputError, ModelConfig  # noqa: F401 (InputError: processing.InputError is public)
 
 IMAGE_MARKER = "<image>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_PROMPT = "Describe the image."
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
-
-
-class InputError(ValueError):
-    """Bad user input (image, prompt, resolution); the message names the problem in one line."""
 
 
 def check_resolution(size: int, stride: int = 64) -> int:
@@ -80,9 +77,7 @@ def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int
               allow_private: bool = True, cancel=None) -> bytes:
     """GET an http(s) URL within a total deadline, with a cap on the body size (the settings
     above when not given); see fetch.fetch_url for ALLOW_PRIVATE and CANCEL."""
-    from .fetch import fetch_url as get
-
-    return get(url, url_timeout(timeout), url_byte_cap(max_bytes), allow_private, cancel)
+    return fetch.fetch_url(url, url_timeout(timeout), url_byte_cap(max_bytes), allow_private, cancel)
 
 
 def _open(source, name: str, cap: int) -> Image.Image:
