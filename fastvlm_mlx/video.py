@@ -33,7 +33,8 @@ from typing import List, Optional, Union
 
 from PIL import Image
 
-from .processing import InputError, check_regular_file, is_url, pixel_cap
+from .config import InputError
+from .processing import check_regular_file, is_url, pixel_cap
 from .timing import ms_since
 
 DEFAULT_FRAMES = 8
