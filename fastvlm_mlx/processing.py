@@ -194,22 +194,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InputError(f"cannot convert an image of mode {image.mode} to RGB: {e}") from None
 
 
-def _check_regular_file(path: Path) -> None:
+def check_regular_file(path: Path, what: str = "image") -> None:
     """Refuse anything but a regular file, saying what it is (a FIFO or /dev/zero would be read
-    for ever, a directory is no image)."""
+    for ever, a directory is no image). WHAT names the file's role in the messages."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
+        raise InputError(f"{what} not found: {path}") from None
     except OSError as e:
         reason = "it is a symlink loop" if e.errno == errno.ELOOP else e.strerror or str(e)
-        raise InputError(f"cannot read image {path}: {reason}") from None
+        raise InputError(f"cannot read {what} {path}: {reason}") from None
     if stat.S_ISREG(mode):
         return
     kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-    raise InputError(f"image {path} is {kind}, not an image file")
+    raise InputError(f"{what} {path} is {kind}, not {'an' if what[0] in 'aeiou' else 'a'} {what} file")
 
 
 def to_pil(
@@ -243,7 +243,7 @@ def to_pil(
         image = _open(io.BytesIO(fetch_url(image, timeout, max_bytes)), image, cap)
     elif isinstance(image, (str, Path)):
         path = Path(image)
-        _check_regular_file(path)
+        check_regular_file(path)
         if path.stat().st_size == 0:
             raise InputError(f"cannot read image {path}: the file is empty (0 bytes)")
         image = _open(path, str(path), cap)
