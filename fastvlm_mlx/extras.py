@@ -14,6 +14,7 @@ EXTRAS = {
     "server": ("fastapi", "uvicorn"),
     "plot": ("matplotlib",),
     "verify": ("torch", "timm", "transformers"),
+    "video": ("av",),
 }
 
 

@@ -16,11 +16,11 @@ timeout 900 "$bin/python" -m pip install -q "$root" || fail "pip install . faile
 cd "$work"  # away from the checkout: the installed package is the one imported
 "$bin/python" - <<'PY' || fail "the runtime install brought in an extra's package"
 import importlib.util, sys
-extra = [n for n in ("torch", "timm", "fastapi", "uvicorn", "openai", "matplotlib", "pytest")
+extra = [n for n in ("torch", "timm", "fastapi", "uvicorn", "openai", "matplotlib", "av", "pytest")
          if importlib.util.find_spec(n) is not None]
 if extra:
     sys.exit("installed with the runtime: " + " ".join(extra))
-print("the runtime: no torch, timm, fastapi, uvicorn, openai, matplotlib or pytest")
+print("the runtime: no torch, timm, fastapi, uvicorn, openai, matplotlib, av or pytest")
 PY
 for tool in generate chat caption convert server benchmark verify; do
   timeout 60 "$bin/fastvlm-$tool" --help >/dev/null || fail "fastvlm-$tool --help failed"
@@ -47,6 +47,7 @@ expect_one_line() {  # EXTRA COMMAND...
 expect_one_line server "$bin/fastvlm-server" --model small-q4 --port 0
 expect_one_line verify "$bin/fastvlm-verify" --model small --image "$root/examples/images/chelsea.jpg"
 expect_one_line plot "$bin/fastvlm-benchmark" --model small-q4 --plot plot.png
+expect_one_line video "$bin/fastvlm-generate" --model small-q4 --video "$root/examples/images/chelsea.jpg"
 # A missing peer is skipped with one note naming its install line; the benchmark still runs.
 timeout 300 "$bin/fastvlm-benchmark" --model small-q4 --compare torch --resolutions 256 --runs 1 \
     --warmup 0 --tokens 2 --quiet >bench.txt 2>err.txt || fail "fastvlm-benchmark failed: $(cat err.txt)"

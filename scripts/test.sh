@@ -8,11 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The test extra's import names (pyproject.toml's `test`: its own packages and those of the
-# server, plot and verify extras), looked up without importing them.
+# server, plot, verify and video extras), looked up without importing them.
 if ! python - <<'PY'
 import importlib.util, sys
 names = ("pytest", "hypothesis", "httpx", "tokenizers", "torch", "torchvision", "timm", "transformers",
-         "fastapi", "uvicorn", "openai", "matplotlib")
+         "fastapi", "uvicorn", "openai", "matplotlib", "av")
 sys.exit(any(importlib.util.find_spec(n) is None for n in names))
 PY
 then
