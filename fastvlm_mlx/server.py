@@ -579,7 +579,8 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
         ok = engine.alive
         return JSONResponse(
             {"status": "ok" if ok else "unavailable", "model": settings.model_id,
-             "busy": engine.running is not None, "queued": engine.queued, **engine.stats},
+             "busy": engine.busy, "decoding": len(engine.running), "queued": engine.queued,
+             **engine.stats},
             status_code=200 if ok else 503,
         )
 
@@ -817,6 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may wait for the model before a 503")
     p.add_argument("--max-queue", type=positive(int), default=d.max_queue,
                    help="waiting requests beyond this get a 503 at once")
+    p.add_argument("--max-batch-size", type=positive(int), default=d.max_batch_size,
+                   help="requests decoded together (continuous batching); 1: one at a time")
     p.add_argument("--prompt-cache-size", type=int, default=d.prompt_cache_size,
                    help="conversations whose KV cache is kept for reuse (0: none)")
     p.add_argument("--prompt-cache-bytes", type=positive(int), default=d.prompt_cache_bytes,
