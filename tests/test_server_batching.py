@@ -254,3 +254,63 @@ def test_what_cannot_be_batched_runs_alone(tiny_loaded):
                         **options)
         assert r.choices[0].message.content == want.text
         assert "batch_size" not in r.timings
+
+
+def test_a_failing_request_fails_alone_and_the_others_go_on(batched, tiny_loaded, monkeypatch):
+    """Four requests decode together; one's sampler raises while mx.compile traces it (as
+    mlx-lm's top-k once did). That request gets its 500; the others their solo answers, and
+    sampling stays usable."""
+    import functools
+
+    import mlx.core as mx
+
+    from fastvlm_mlx.generate import GenerationOptions
+
+    model, processor = tiny_loaded
+    engine = batched.engine
+
+    @functools.partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
+    def broken(logprobs):
+        raise ValueError("a sampler that fails while it is traced")
+
+    make_sampler = GenerationOptions.make_sampler
+    monkeypatch.setattr(GenerationOptions, "make_sampler", lambda self: broken
+                        if self.temperature == 0.5 else make_sampler(self))
+    gate, held = threading.Event(), threading.Event()
+    step = engine.batch.step
+
+    def held_step():  # the four requests queue while the worker is held, then join at once
+        if not gate.is_set():
+            held.set()
+            gate.wait(60)
+        return step()
+
+    engine.batch.step = held_step
+    pictures = [picture(600 + i) for i in range(3)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            first = pool.submit(batched.client().chat.completions.create, model="tiny",
+                                messages=[user("hi")], max_tokens=N)
+            assert held.wait(30)
+            good = [pool.submit(ask, batched.client(), [user(PROMPT, u)], False) for u, _ in pictures]
+            bad = pool.submit(batched.post, {"messages": [user("hi")], "max_tokens": N,
+                                             "temperature": 0.5})
+            deadline = time.time() + 30
+            while engine.queued < 4:
+                assert time.time() < deadline, "the requests never queued"
+                time.sleep(0.01)
+            gate.set()
+            r = bad.result(60)
+            results = [f.result(60) for f in good]
+            first.result(60)
+    finally:
+        gate.set()
+        del engine.batch.step
+    assert r.status_code == 500 and "fails while it is traced" in r.json()["error"]["message"]
+    for (choice, _, timings), (_, image) in zip(results, pictures):
+        assert timings["batch_size"] >= 3
+        alone = solo(model, processor, PROMPT, [image], max_tokens=N)
+        assert_same_or_tie(served_result(choice, alone, processor.tokenizer), alone)
+    monkeypatch.undo()
+    sampled = batched.post({"messages": [user("hi")], "max_tokens": 3, "temperature": 1.0})
+    assert sampled.status_code == 200, sampled.text
