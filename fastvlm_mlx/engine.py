@@ -54,7 +54,7 @@ class EngineStopped(EngineError):
 
 
 class EngineShuttingDown(EngineStopped):
-    """The server is shutting down: waiting jobs are refused, the running one ends early."""
+    """The server is shutting down: waiting jobs are refused, the running ones end early."""
 
 
 class GenerationFailed(EngineError):
@@ -321,7 +321,7 @@ class Engine:
 
     def shut_down(self) -> None:
         """The server is going away: refuse every waiting job (EngineShuttingDown) and end the
-        running one at its next token, as max_tokens would (finish_reason "length")."""
+        running ones at their next token, as max_tokens would (finish_reason "length")."""
         with self._cond:
             self._shutting_down = True
             waiting = list(self._queue)

@@ -881,7 +881,7 @@ def json_400_protocol():
 def uvicorn_server(app, host: str, port: int, log_level: str = "info", on_listening=None):
     """A uvicorn server for APP (from create_app) that answers bad HTTP in JSON, calls
     ON_LISTENING once its socket accepts connections, and on shutdown (SIGTERM, Ctrl+C) first
-    ends the model's work: waiting requests get a 503 `server_shutting_down`, a running stream
+    ends the model's work: waiting requests get a 503 `server_shutting_down`, each running stream
     ends with its final chunk. Run it with `.run(sockets=[sock])`."""
     import uvicorn
 

@@ -832,6 +832,7 @@ def test_sigterm_ends_a_stream_with_its_last_chunk_and_refuses_what_waits(tiny_c
 @pytest.mark.parametrize("args,code,needle", [
     (["--port", "70000"], 2, "port"),
     (["--max-body-bytes", "-5"], 2, "positive"),
+    (["--max-batch-size", "0"], 2, "positive"),
     (["--model", "/nonexistent/model/dir", "--port", "0"], 1, "nonexistent"),
     (["--resolution", "300", "--port", "0"], 1, "resolution"),
     ("taken", 1, "cannot listen"),
