@@ -1,4 +1,4 @@
-"""The server under concurrent clients (BENCHMARKS.md, "The server under load"): aggregate
+"""The server under concurrent clients (BENCHMARKS.md, section 9, "The server under load"): aggregate
 completion tokens/s, requests/s, p50/p95 latency and the server process's peak RSS at several
 client counts, for our server with continuous batching and with `--max-batch-size 1` (one
 request at a time: the "before" row), and mlx-vlm's server when it is installed.
