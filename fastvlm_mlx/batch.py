@@ -25,6 +25,13 @@ How a request flows:
    detokenized into a GenerationResponse, as `stream_generate` streams them; a finished row
    leaves the batch, and its freed row takes the next waiting request.
 
+A request that fails leaves the batch alone: an error in its images' encode, its prefill, or
+its own sampler or logits processors while a step is built is that request's answer (`step`
+hands out the exception for its handle), and the other rows go on. (The failing sampler or
+processor is passed over for that step, so the step the rows share completes.) An error that
+belongs to no row - one raised when the shared step is evaluated - propagates from `step`,
+and the batch is then unusable.
+
 Batched answers equal solo ones: greedy ids are the same up to float32 near-ties (the batched
 decoder's matmuls round differently), which tests/test_batch.py shows where they occur.
 `logprobs` are the raw log-softmax at the chosen id, as in generate: mlx-lm hands out the
@@ -65,6 +72,7 @@ from .generate import (
     _placeholder,
     collect,
     context_length,
+    fresh_random_state,
     image_features,
     prefill_prompt,
     prepare_request,
@@ -143,6 +151,33 @@ class _Row:
     answer: List[int] = field(default_factory=list)
     t_prefilled: float = 0.0
     t_first: float = 0.0
+    error: Optional[Exception] = None  # what failed this request; it then leaves the batch
+
+
+def _guarded(row: _Row, fn: Callable, fallback: Callable) -> Callable:
+    """FN (a row's sampler or logits processor), which if it raises fails ROW and gives
+    FALLBACK's value instead, so that the step every row shares still completes."""
+
+    def call(*args):
+        if row.error is None:
+            try:
+                return fn(*args)
+            except Exception as e:
+                row.error = e
+                # A sampler that raised while mx.compile traced it leaves MLX's global random
+                # state unusable, for the other rows' draws too.
+                fresh_random_state()
+        return fallback(*args)
+
+    return call
+
+
+def _pass_logits(tokens, logits):
+    return logits
+
+
+def _argmax(logprobs):
+    return mx.argmax(logprobs, axis=-1)
 
 
 class RunningBatch:
@@ -217,17 +252,23 @@ class RunningBatch:
                     row.request.history.extend(row.request.ids[:-1])
                 return
 
-    def step(self) -> Dict[int, GenerationResponse]:
+    def step(self) -> Dict[int, Union[GenerationResponse, Exception]]:
         """Admit waiting requests into free rows, then advance every row by one token: each
-        row's new response, by handle (rows admitted in this step answer from the next one)."""
-        self._admit()
+        row's new response, by handle (rows admitted in this step answer from the next one). A
+        request that failed has its exception instead, and has left the batch."""
+        responses: Dict[int, Union[GenerationResponse, Exception]] = self._admit()
         if not self.active:
-            return {}
+            return responses
         _, generated = self.generator.next()
-        responses = {}
         for r in generated:
-            handle = self.active[r.uid].handle
-            responses[handle] = self._respond(r)
+            row = self.active[r.uid]
+            if row.error is None:
+                responses[row.handle] = self._respond(r, len(generated))
+        for uid, row in list(self.active.items()):
+            if row.error is not None:
+                responses[row.handle] = row.error
+                self.generator.remove([uid])
+                del self.active[uid]
         return responses
 
     def close(self) -> None:
@@ -235,17 +276,26 @@ class RunningBatch:
 
     # -- admission: the shared encode, then each request's prefill -------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self) -> Dict[int, Exception]:
+        """Admit waiting requests into free rows; those whose encode or prefill failed, by handle."""
         free = self.max_batch_size - len(self.active)
         if free <= 0 or not self.waiting:
-            return
+            return {}
         rows, self.waiting = self.waiting[:free], self.waiting[free:]
         now = time.perf_counter()
         for row in rows:
             row.request.timings.queue_ms = (row.request.timings.queue_ms or 0.0) + (now - row.added) * 1e3
         features = self._encode(rows)
+        failed = {}
         for row in rows:
-            self._insert(row, features.get(row.handle))
+            if row.error is None:
+                try:
+                    self._insert(row, features.get(row.handle))
+                except Exception as e:
+                    row.error = e
+            if row.error is not None:
+                failed[row.handle] = row.error
+        return failed
 
     def _encode(self, rows: List[_Row]) -> Dict[int, mx.array]:
         """The projected features of the rows' images, by handle: per resolution, one
@@ -259,7 +309,12 @@ class RunningBatch:
             images = [im for row in group for im in row.request.images]
             shared = Timings()
             recorder = _RecordingCache(self.feature_cache)
-            projected = image_features(self.model, images, size, recorder, shared)
+            try:
+                projected = image_features(self.model, images, size, recorder, shared)
+            except Exception as e:  # it fails the requests that shared it, not the batch
+                for row in group:
+                    row.error = e
+                continue
             missed = recorder.missed
             n_missed = max(sum(missed), 1)
             rows_per_image = self.processor.tokens_per_image(size)
@@ -298,11 +353,13 @@ class RunningBatch:
         history = [self.placeholder if t == image_id else t for t in req.history] + fed[:-1]
         processors, row.recorded = _history_processors(req.opts, mx.array(history, dtype=mx.uint32))
         row.with_processors = bool(processors)
+        processors = [_guarded(row, p, _pass_logits) for p in processors]
         limit = context_length(model)
         max_tokens = (max(1, min(req.opts.max_tokens, limit - len(req.history) - len(req.ids)))
                       if limit else req.opts.max_tokens)
         (row.uid,) = self.generator.insert(
-            [[fed[-1]]], max_tokens=[max_tokens], caches=[cache], samplers=[row_sampler(req.opts)],
+            [[fed[-1]]], max_tokens=[max_tokens], caches=[cache],
+            samplers=[_guarded(row, row_sampler(req.opts), _argmax)],
             logits_processors=[processors], stop_sequences=[self.stop_sequences])
         row.detokenizer = self.processor.tokenizer.detokenizer  # a fresh copy
         row.t_prefilled = time.perf_counter()
@@ -310,10 +367,12 @@ class RunningBatch:
 
     # -- decoding: one BatchGenerator response -> one GenerationResponse --------------------------
 
-    def _respond(self, r) -> GenerationResponse:
-        """As generate's `_decode` turns a generate_step token into a response."""
+    def _respond(self, r, rows: int) -> GenerationResponse:
+        """As generate's `_decode` turns a generate_step token into a response (ROWS: how many
+        were decoded in this step)."""
         row = self.active[r.uid]
         req, t = row.request, row.request.timings
+        t.batch_size = max(t.batch_size or 0, rows)
         token = int(r.token)
         raw = row.recorded.pop(0)[0] if row.with_processors else r.logprobs
         row.answer.append(token)
@@ -344,7 +403,8 @@ def as_completed(batch: RunningBatch, requests: Iterable[Tuple[object, tuple, di
                  ) -> Iterator[Tuple[object, GenerationResult]]:
     """Feed REQUESTS, (key, args, kwargs) for `batch.add`, into BATCH as rows free up; yield
     (key, result) as each request finishes. A request `add` refuses (bad input) goes to
-    REFUSED(key, error) when given; otherwise the InputError propagates."""
+    REFUSED(key, error) when given; otherwise the InputError propagates. A request that fails
+    while it runs raises its error here."""
     keys: Dict[int, object] = {}
     responses: Dict[int, List[GenerationResponse]] = {}
     requests = iter(requests)
@@ -367,6 +427,8 @@ def as_completed(batch: RunningBatch, requests: Iterable[Tuple[object, tuple, di
         if not len(batch):
             return
         for handle, r in batch.step().items():
+            if isinstance(r, Exception):
+                raise r
             # (the raw vector per token would keep each step's whole batch of logits alive)
             responses[handle].append(replace(r, logprobs=None))
             if r.finish_reason:

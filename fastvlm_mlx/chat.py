@@ -104,15 +104,9 @@ class ChatSession:
         are the session's images again, from a caller who knows their rows are in the cache
         (the server): they are not encoded again. load_ms, preprocess_ms, queue_ms: time the
         caller spent on this turn (see stream_generate)."""
-        first = not self.history
-        opts = self.options.replace(**overrides)
         responses = stream_generate(
-            self.model, self.processor, prompt, self.images if first else images,
-            prompt_cache=self.prompt_cache, history=self.history, system=self.system,
-            resolution=self.resolution, feature_cache=self.feature_cache,
-            load_ms=load_ms + (self.load_ms if first else 0.0), preprocess_ms=preprocess_ms,
-            queue_ms=queue_ms, **vars(opts),
-        )
+            self.model, self.processor, prompt, feature_cache=self.feature_cache,
+            **self._turn(images, load_ms, preprocess_ms, queue_ms, overrides))
         prompt_tokens = 0
         try:
             for r in responses:
@@ -120,9 +114,30 @@ class ChatSession:
                 yield r
         finally:
             responses.close()
-            self.turns += 1
-            if first:
-                self.prompt_ids = self.history[:prompt_tokens]
+            self.end_turn(prompt_tokens)
+
+    def add_to(self, batch, prompt: Prompt = None, images: Optional[Sequence] = None, *,
+               load_ms: float = 0.0, preprocess_ms: float = 0.0, queue_ms: Optional[float] = None,
+               **overrides) -> int:
+        """`stream`'s turn, decoded as a row of BATCH (a batch.RunningBatch on this session's
+        model; its feature cache is the batch's): returns the row's handle. Once the row has
+        finished or was removed, the caller ends the turn with `end_turn`."""
+        return batch.add(prompt, **self._turn(images, load_ms, preprocess_ms, queue_ms, overrides))
+
+    def _turn(self, images, load_ms, preprocess_ms, queue_ms, overrides) -> dict:
+        """A turn's arguments for stream_generate or RunningBatch.add, but the prompt."""
+        self._first_turn = not self.history
+        return dict(
+            images=self.images if self._first_turn else images, prompt_cache=self.prompt_cache,
+            history=self.history, system=self.system, resolution=self.resolution,
+            load_ms=load_ms + (self.load_ms if self._first_turn else 0.0),
+            preprocess_ms=preprocess_ms, queue_ms=queue_ms, **vars(self.options.replace(**overrides)))
+
+    def end_turn(self, prompt_tokens: int) -> None:
+        """The turn is over (PROMPT_TOKENS: its prompt's length, 0 if it never answered)."""
+        self.turns += 1
+        if self._first_turn:
+            self.prompt_ids = self.history[:prompt_tokens]
 
     def generate(self, prompt: Prompt = None, **overrides) -> GenerationResult:
         return collect(self.stream(prompt, **overrides))

@@ -1,5 +1,13 @@
 """The server's model worker, apart from HTTP: jobs, a bounded queue, the kept conversations
-(prompt caches) and stop strings. One thread owns the model and runs one job at a time.
+(prompt caches) and stop strings. One thread owns the model and decodes up to
+`max_batch_size` jobs together, as the rows of a batch.RunningBatch (continuous batching): a
+job that arrives while others decode joins at the next step, and the jobs admitted together
+have their images encoded in one vision-tower call per resolution.
+
+What mlx-lm's batch caches cannot hold - quantized KV caches (`kv_bits`) or a rotating one
+(`max_kv_size`: its batch kind keeps no first tokens once the window is full, so answers
+would differ from a solo run) - and `max_batch_size` 1 run every job alone, one after
+another, as `ChatSession.stream` does.
 
 It knows nothing of HTTP: it takes explicit settings, reports failures as the domain errors
 below (and the pipeline's InputError / ContextLengthError), and hands each job's results back
@@ -14,8 +22,9 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from .batch import DEFAULT_MAX_BATCH_SIZE, RunningBatch
 from .chat import ChatSession
 from .feature_cache import default_feature_cache
 from .generate import (
@@ -45,7 +54,7 @@ class EngineStopped(EngineError):
 
 
 class EngineShuttingDown(EngineStopped):
-    """The server is shutting down: waiting jobs are refused, the running one ends early."""
+    """The server is shutting down: waiting jobs are refused, the running ones end early."""
 
 
 class GenerationFailed(EngineError):
@@ -56,6 +65,7 @@ class GenerationFailed(EngineError):
 class EngineSettings:
     resolution: Optional[int] = None  # default: the model's trained size
     max_queue: int = 32  # jobs waiting beyond this are refused at once (EngineBusy)
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # jobs decoded together (1: one at a time)
     prompt_cache_size: int = 8  # conversations whose KV cache is kept for reuse
     prompt_cache_bytes: Optional[int] = 2**30  # and at most this many bytes of KV cache in all
     # mlx-lm's KV-cache options, passed through
@@ -116,7 +126,7 @@ class StopText:
 
 class Job:
     """One request's work for the worker, and the channel back to its handler (an asyncio
-    queue fed from the worker thread).
+    queue fed from the worker thread). `start` is called when it leaves the queue to decode.
 
     prompt_ids: the templated conversation's ids, image slots included (`Engine.tokenize`);
     images: decoded images and their digests; load_ms, preprocess_ms: the time spent decoding
@@ -214,8 +224,58 @@ def _finite(x: float) -> float:
     return float(x) if math.isfinite(x) else -9999.0  # OpenAI's value for "impossible"
 
 
+class Turn:
+    """A job being answered: its conversation (a ChatSession taken from the SessionCache, or
+    new), and what its stream has said so far. `take` turns each GenerationResponse into the
+    job's `delta` events, with stop strings and the shutdown cut."""
+
+    def __init__(self, engine: "Engine", job: Job, queue_ms: float):
+        self.engine, self.job, self.queue_ms = engine, job, queue_ms
+        self.key = (tuple(job.digests), engine.resolution)
+        self.session, self.cached = engine._session_for(self.key, job.prompt_ids, job.images)
+        self.stop = StopText(job.stops)
+        self.finish, self.timings, self.n_tokens, self.prompt_tokens = None, None, 0, 0
+
+    def turn_args(self) -> tuple:
+        """(prompt, images), options: the session's turn, from the first id the cache lacks. The
+        handler's tokenization is preprocessing, so part of TTFT: it is passed in."""
+        job = self.job
+        return ((job.prompt_ids[self.cached:], job.images if self.cached else None),
+                dict(job.sampling, max_tokens=job.max_tokens, preprocess_ms=job.preprocess_ms,
+                     queue_ms=self.queue_ms, load_ms=job.load_ms))
+
+    def take(self, r) -> bool:
+        """One response -> the job's delta event; True once the job is done (its answer ended,
+        or its client left)."""
+        job = self.job
+        self.timings, self.prompt_tokens = r.timings, r.prompt_tokens
+        eos = r.finish_reason == "stop"  # the EOS token is not part of the completion
+        self.n_tokens += not eos
+        text, hit = self.stop.add(r.text)
+        finish = "stop" if hit else r.finish_reason
+        if finish is None and self.engine._shutting_down:
+            finish = "length"  # cut short, as max_tokens would, so the answer ends cleanly
+        if finish and not hit:
+            text += self.stop.flush()
+        entries = [(r.token, _finite(r.logprob), top_logprobs(r, job.top_logprobs))] \
+            if job.logprobs and not eos else []
+        if text or entries:
+            job.post("delta", text=text, logprobs=entries)
+        self.finish = finish
+        return bool(finish) or job.cancelled.is_set()
+
+    def end(self) -> None:
+        """The answer is over (the session's turn too): the conversation goes back to the
+        SessionCache, and the job gets its final event."""
+        self.session.images = []  # their rows are in the KV cache; free the pixels
+        self.engine.sessions.put(self.key, self.session)
+        self.engine._finish(self.job, self.finish, self.job.prompt_ids, self.cached, self.n_tokens,
+                            self.timings)
+
+
 class Engine:
-    """Owns the model. `submit` queues a Job; the worker thread runs jobs one at a time."""
+    """Owns the model. `submit` queues a Job; the worker thread (`_run`) decodes up to
+    `max_batch_size` of them together."""
 
     def __init__(self, model, processor, settings: Optional[EngineSettings] = None):
         self.model, self.processor = model, processor
@@ -225,11 +285,19 @@ class Engine:
         limit = context_length(model)
         self.max_prompt_chars = settings.max_prompt_chars or (
             CHARS_PER_TOKEN_BOUND * limit if limit else MAX_PROMPT_CHARS_UNBOUNDED)
+        if settings.max_batch_size < 1:
+            raise InputError(f"max_batch_size must be at least 1, got {settings.max_batch_size}")
         self.feature_cache = default_feature_cache(model)
         self.sessions = SessionCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
         self._cond = threading.Condition()
         self._queue: "collections.deque[Job]" = collections.deque()
-        self.running: Optional[Job] = None
+        self.running: List[Job] = []  # the jobs decoding (at most max_batch_size)
+        # The jobs decode as the rows of a RunningBatch, unless they must run alone (see the
+        # module's docstring); then `batch` is None.
+        self.batched = (settings.max_batch_size > 1 and settings.kv_bits is None
+                        and settings.max_kv_size is None)
+        self.batch = self._new_batch()
+        self._rows: Dict[int, Turn] = {}  # the batch's rows, by handle
         self.stats = collections.Counter(served=0, cancelled=0, failed=0, timed_out=0)
         self._stopping = False
         self._shutting_down = False
@@ -244,7 +312,7 @@ class Engine:
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
             self._stopping = True
-            for job in list(self._queue) + ([self.running] if self.running else []):
+            for job in list(self._queue) + self.running:
                 job.cancelled.set()
             self._queue.clear()
             self._cond.notify_all()
@@ -253,7 +321,7 @@ class Engine:
 
     def shut_down(self) -> None:
         """The server is going away: refuse every waiting job (EngineShuttingDown) and end the
-        running one at its next token, as max_tokens would (finish_reason "length")."""
+        running ones at their next token, as max_tokens would (finish_reason "length")."""
         with self._cond:
             self._shutting_down = True
             waiting = list(self._queue)
@@ -267,6 +335,11 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping and not self._shutting_down
+
+    @property
+    def busy(self) -> bool:
+        """Whether any job is decoding."""
+        return bool(self.running)
 
     @property
     def queued(self) -> int:
@@ -324,45 +397,121 @@ class Engine:
 
     # -- the worker's side -----------------------------------------------------------------------
 
-    def _next(self) -> Optional[Job]:
+    def _new_batch(self) -> Optional[RunningBatch]:
+        return RunningBatch(self.model, self.processor, self.settings.max_batch_size,
+                            feature_cache=self.feature_cache) if self.batched else None
+
+    def _run(self) -> None:
+        """The model worker: start the jobs that wait, as many as the batch has free rows (they
+        join it at its next step), then advance every row by one token; repeat. A job that
+        runs alone is answered whole before the next starts."""
+        while True:
+            jobs = self._next()
+            if jobs is None:
+                break
+            for job in jobs:
+                self._start(job)
+            if self._rows:
+                self._step()
+        for handle, turn in list(self._rows.items()):  # stopped: their clients hear no more
+            turn.finish = None
+            self._end_row(handle, turn)
+        if self.batch is not None:
+            self.batch.close()
+
+    def _next(self) -> Optional[List[Job]]:
+        """The jobs to start now, up to the free rows (one when jobs run alone): waits for one
+        while nothing decodes. None once the engine stops."""
+        free = self.batch.max_batch_size - len(self.batch) if self.batch is not None else 1
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._queue and not self._stopping and not self._rows:
                 self._cond.wait()
             if self._stopping:
                 return None
-            job = self._queue.popleft()
-            job.state = "running"
-            self.running = job
-            return job
+            jobs = []
+            while self._queue and len(jobs) < free:
+                job = self._queue.popleft()
+                job.state = "running"
+                self.running.append(job)
+                jobs.append(job)
+            return jobs
 
-    def _run(self) -> None:
-        while True:
-            job = self._next()
-            if job is None:
-                return
-            if job.cancelled.is_set():  # its client left while it waited
-                self.stats["cancelled"] += 1
-                with self._cond:
-                    self.running = None
-                job.post("final", finish_reason=None, usage=None, timings=None)
-                continue
-            queue_ms = ms_since(job.submitted)
-            job.start()
+    def _start(self, job: Job) -> None:
+        """JOB joins the batch (its rows prefill at the next step), or runs whole if alone."""
+        if job.cancelled.is_set():  # its client left while it waited
+            self.stats["cancelled"] += 1
+            self._release(job)
+            job.post("final", finish_reason=None, usage=None, timings=None)
+            return
+        queue_ms = ms_since(job.submitted)
+        job.start()
+        try:
+            turn = Turn(self, job, queue_ms)
+            prompt, options = turn.turn_args()
+            if self.batch is None:
+                self._serve_alone(turn, prompt, options)
+            else:
+                self._rows[turn.session.add_to(self.batch, *prompt, **options)] = turn
+        except Exception as e:  # keep serving: the request is told why, the next one runs
+            self._fail(job, e)
+
+    def _serve_alone(self, turn: Turn, prompt: tuple, options: dict) -> None:
+        steps = turn.session.stream(*prompt, **options)
+        try:
+            for r in steps:
+                if turn.take(r):
+                    break
+        finally:
+            steps.close()  # the session's history and KV cache now agree; its turn is over
+        turn.end()
+
+    def _step(self) -> None:
+        """One batch step: each row's response to its job; the rows done leave."""
+        try:
+            responses = self.batch.step()
+        except Exception as e:
+            # An error no row can be blamed for (raised when the shared step was evaluated):
+            # every row fails with it, and a fresh batch serves what comes next.
+            rows, self._rows = list(self._rows.values()), {}
+            batch, self.batch = self.batch, self._new_batch()
             try:
-                self._serve(job, queue_ms)
-            except Exception as e:  # keep serving: the request is told why, the next one runs
-                self.stats["failed"] += 1
-                # Whatever failed may have left MLX's global random state unusable (a sampler
-                # that raised while mx.compile traced it), which would fail every later
-                # unseeded sample: start the next job from a fresh one.
-                fresh_random_state()
-                if not isinstance(e, (InputError, EngineError)):
-                    log.exception("generation failed")
-                    e = GenerationFailed(" ".join(f"generation failed: {type(e).__name__}: {e}".split()))
-                job.post("error", error=e)
-            finally:
-                with self._cond:
-                    self.running = None
+                batch.close()
+            except Exception:  # it is dropped either way; its rows are told of the first error
+                log.debug("closing a failed batch failed too", exc_info=True)
+            for turn in rows:
+                self._fail(turn.job, e)
+            return
+        for handle, r in responses.items():
+            turn = self._rows[handle]
+            if isinstance(r, Exception):  # this row alone failed, and has left the batch
+                del self._rows[handle]
+                self._fail(turn.job, r)
+            elif turn.take(r):
+                if not r.finish_reason:  # a stop string, the client gone or the shutdown cut
+                    self.batch.remove(handle)
+                self._end_row(handle, turn)
+
+    def _end_row(self, handle: int, turn: Turn) -> None:
+        del self._rows[handle]
+        turn.session.end_turn(turn.prompt_tokens)
+        turn.end()
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        self.stats["failed"] += 1
+        # Whatever failed may have left MLX's global random state unusable (a sampler that
+        # raised while mx.compile traced it), which would fail every later unseeded sample:
+        # go on from a fresh one.
+        fresh_random_state()
+        if not isinstance(e, (InputError, EngineError)):
+            log.error("generation failed", exc_info=e)
+            e = GenerationFailed(" ".join(f"generation failed: {type(e).__name__}: {e}".split()))
+        self._release(job)
+        job.post("error", error=e)
+
+    def _release(self, job: Job) -> None:
+        with self._cond:
+            if job in self.running:
+                self.running.remove(job)
 
     def _session_for(self, key: tuple, ids: List[int], images) -> Tuple[ChatSession, int]:
         """A kept conversation sharing the longest prefix with IDS (rewound to it), or a new one."""
@@ -375,42 +524,8 @@ class Engine:
                               **self.settings.cache_options())
         return session, 0
 
-    def _serve(self, job: Job, queue_ms: float) -> None:
-        ids = job.prompt_ids
-        key = (tuple(job.digests), self.resolution)
-        session, cached = self._session_for(key, ids, job.images)
-        # The handler's tokenization is preprocessing, so part of TTFT: it is passed in.
-        sampling = dict(job.sampling, max_tokens=job.max_tokens, preprocess_ms=job.preprocess_ms,
-                        queue_ms=queue_ms, load_ms=job.load_ms)
-        steps = session.stream(ids[cached:], images=job.images if cached else None, **sampling)
-        stop = StopText(job.stops)
-        finish, timings, n_tokens, image_tokens, keep = None, None, 0, 0, False
-        try:
-            for r in steps:
-                timings, image_tokens = r.timings, max(image_tokens, r.image_tokens)
-                eos = r.finish_reason == "stop"  # the EOS token is not part of the completion
-                n_tokens += not eos
-                text, hit = stop.add(r.text)
-                finish = "stop" if hit else r.finish_reason
-                if finish is None and self._shutting_down:
-                    finish = "length"  # cut short, as max_tokens would, so the answer ends cleanly
-                if finish and not hit:
-                    text += stop.flush()
-                entries = [(r.token, _finite(r.logprob), top_logprobs(r, job.top_logprobs))] \
-                    if job.logprobs and not eos else []
-                if text or entries:
-                    job.post("delta", text=text, logprobs=entries)
-                if finish or job.cancelled.is_set():
-                    break
-            keep = True
-        finally:
-            steps.close()  # the session's history and KV cache now agree
-            session.images = []  # their rows are in the KV cache; free the pixels
-            if keep:
-                self.sessions.put(key, session)
-        self._finish(job, finish, ids, cached, n_tokens, timings)
-
     def _finish(self, job: Job, finish, ids, cached: int, n_tokens: int, timings) -> None:
+        self._release(job)
         if finish is None:
             self.stats["cancelled"] += 1
             log.info("request cancelled after %d tokens (client gone)", n_tokens)

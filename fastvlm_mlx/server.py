@@ -581,7 +581,8 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
         ok = engine.alive
         return JSONResponse(
             {"status": "ok" if ok else "unavailable", "model": settings.model_id,
-             "busy": engine.running is not None, "queued": engine.queued, **engine.stats},
+             "busy": engine.busy, "decoding": len(engine.running), "queued": engine.queued,
+             **engine.stats},
             status_code=200 if ok else 503,
         )
 
@@ -820,6 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may wait for the model before a 503")
     p.add_argument("--max-queue", type=positive(int), default=d.max_queue,
                    help="waiting requests beyond this get a 503 at once")
+    p.add_argument("--max-batch-size", type=positive(int), default=d.max_batch_size,
+                   help="requests decoded together (continuous batching); 1: one at a time")
     p.add_argument("--prompt-cache-size", type=int, default=d.prompt_cache_size,
                    help="conversations whose KV cache is kept for reuse (0: none)")
     p.add_argument("--prompt-cache-bytes", type=positive(int), default=d.prompt_cache_bytes,
@@ -882,7 +885,7 @@ def json_400_protocol():
 def uvicorn_server(app, host: str, port: int, log_level: str = "info", on_listening=None):
     """A uvicorn server for APP (from create_app) that answers bad HTTP in JSON, calls
     ON_LISTENING once its socket accepts connections, and on shutdown (SIGTERM, Ctrl+C) first
-    ends the model's work: waiting requests get a 503 `server_shutting_down`, a running stream
+    ends the model's work: waiting requests get a 503 `server_shutting_down`, each running stream
     ends with its final chunk. Run it with `.run(sockets=[sock])`."""
     require("server", "uvicorn_server", ("uvicorn",))
     import uvicorn

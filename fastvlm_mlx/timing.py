@@ -30,6 +30,8 @@ class Timings:
     # Batched requests only (batch.py): the whole batch's vision-tower call, of which
     # `vision_ms` is this request's share.
     batch_vision_ms: Optional[float] = None
+    # Batched requests only: the most requests decoded together in one step with this one.
+    batch_size: Optional[int] = None
 
     @property
     def ttft_ms(self) -> float:
@@ -38,7 +40,7 @@ class Timings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for optional in ("queue_ms", "batch_vision_ms"):
+        for optional in ("queue_ms", "batch_vision_ms", "batch_size"):
             if d[optional] is None:
                 del d[optional]
         d["ttft_ms"] = self.ttft_ms

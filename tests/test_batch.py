@@ -301,6 +301,31 @@ def test_remove_leaves_the_others_going(tiny_loaded, images):
                        solo(model, processor, PROMPT, [images[0]], max_tokens=8))
 
 
+def test_a_failing_request_leaves_the_batch_alone(tiny_loaded, images):
+    """A row whose logits processor raises while the step is built is answered by its error at
+    that step and leaves; the other rows' answers are their solo runs."""
+    model, processor = tiny_loaded
+
+    def broken(tokens, logits):
+        raise ValueError("a processor that fails")
+
+    batch = RunningBatch(model, processor, feature_cache=False)
+    keep = [batch.add(PROMPT, [im], max_tokens=8) for im in images[:2]]
+    bad = batch.add(PROMPT, [images[2]], max_tokens=8, logits_processors=[broken])
+    out = {h: [] for h in keep}
+    failures = []
+    while len(batch):
+        for handle, r in batch.step().items():
+            if isinstance(r, Exception):
+                failures.append((handle, r))
+            else:
+                out[handle].append(r)
+    assert [(h, str(e)) for h, e in failures] == [(bad, "a processor that fails")]
+    for handle, im in zip(keep, images[:2]):
+        assert_same_or_tie(fastvlm_mlx.generate.collect(iter(out[handle])),
+                           solo(model, processor, PROMPT, [im], max_tokens=8))
+
+
 def test_a_rotating_kv_cache_within_its_window_equals_the_solo_run(tiny_loaded, images):
     """max_kv_size for the whole batch; the prompts (45 positions) and answers fit in it. (Past
     the window mlx-lm's batch cache keeps no first tokens, its solo one 4: they part there.)"""

@@ -6,6 +6,7 @@ the bounded queue, and the CLI."""
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import http.server
 import io
@@ -101,7 +102,7 @@ class LiveServer:
     def idle(self, within=5.0) -> bool:
         deadline = time.time() + within
         while time.time() < deadline:
-            if self.engine.running is None and not self.engine.queued:
+            if not self.engine.busy and not self.engine.queued:
                 return True
             time.sleep(0.01)
         return False
@@ -676,32 +677,37 @@ def test_busy_model_gives_503_and_a_disconnect_frees_it(live, tiny_loaded):
     _, processor = tiny_loaded
     stats = dict(live.engine.stats)
     headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", live.url + "/v1/chat/completions", headers=headers,
-                         json=long_request(processor, stream=True)) as stream:
+    rows = live.engine.settings.max_batch_size  # long streams that fill every row of the batch
+    readers = []  # each stream's line iterator (one dropped would close its stream)
+    with httpx.Client(timeout=60) as http, contextlib.ExitStack() as streams:
+        for _ in range(rows):
+            stream = streams.enter_context(http.stream(
+                "POST", live.url + "/v1/chat/completions", headers=headers,
+                json=long_request(processor, stream=True)))
             assert stream.status_code == 200
-            lines = stream.iter_lines()
-            got = [next(lines) for _ in range(6)]  # the model is generating
+            readers.append(stream.iter_lines())
+            got = [next(readers[-1]) for _ in range(6)]  # the model is generating
             assert all(line.startswith("data: ") or not line for line in got)
+        assert len(live.engine.running) == rows
 
-            # A request that cannot get the model within queue_timeout: 503, promptly.
-            live.settings.queue_timeout = 0.3
-            try:
-                t0 = time.time()
-                r = live.post({"messages": [user("hi")], "max_tokens": 2})
-                assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
-                assert "Retry-After" in r.headers and time.time() - t0 < 10
-            finally:
-                live.settings.queue_timeout = 30
-            # A full queue refuses at once.
-            live.engine.settings.max_queue = 0  # the model worker's own limit
-            try:
-                r = live.post({"messages": [user("hi")], "max_tokens": 2})
-                assert r.status_code == 503
-            finally:
-                live.engine.settings.max_queue = 32
-            assert live.engine.running is not None, "the long stream stopped by itself"
-        # The stream is closed mid-generation: the model is freed at once, not after ~4000 tokens.
+        # A request that cannot get the model within queue_timeout: 503, promptly.
+        live.settings.queue_timeout = 0.3
+        try:
+            t0 = time.time()
+            r = live.post({"messages": [user("hi")], "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
+            assert "Retry-After" in r.headers and time.time() - t0 < 10
+        finally:
+            live.settings.queue_timeout = 30
+        # A full queue refuses at once.
+        live.engine.settings.max_queue = 0  # the model worker's own limit
+        try:
+            r = live.post({"messages": [user("hi")], "max_tokens": 2})
+            assert r.status_code == 503
+        finally:
+            live.engine.settings.max_queue = 32
+        assert len(live.engine.running) == rows, "a long stream stopped by itself"
+        # The streams are closed mid-generation: the model is freed at once, not after ~4000 tokens.
     assert live.idle(within=3), "the model kept generating for a client that left"
     t0 = time.time()
     r = live.client().chat.completions.create(model="tiny", messages=[user("hi")], max_tokens=2)
@@ -714,7 +720,7 @@ def test_busy_model_gives_503_and_a_disconnect_frees_it(live, tiny_loaded):
                    timeout=httpx.Timeout(60, read=1.0))
     assert live.idle(within=3)
     after = live.engine.stats
-    assert after["cancelled"] == stats["cancelled"] + 2
+    assert after["cancelled"] == stats["cancelled"] + rows + 1
     assert after["timed_out"] == stats["timed_out"] + 1
     assert after["failed"] == stats["failed"]
     ok = live.client().chat.completions.create(model="tiny", messages=[user("hi")], max_tokens=2)
@@ -777,14 +783,14 @@ def test_cli_says_where_it_listens_once_it_listens_serves_and_stops(tiny_convert
 
 def test_sigterm_ends_a_stream_with_its_last_chunk_and_refuses_what_waits(tiny_converted, tiny_loaded):
     _, processor = tiny_loaded
-    p, url = start_server(tiny_converted)
-    streamed = {}
+    p, url = start_server(tiny_converted, "--max-batch-size", "2")
+    streamed = [{}, {}]  # two long streams fill the batch's rows; what comes next waits
 
-    def stream():
+    def stream(i):
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
                           json=long_request(processor, stream=True)) as r:
-            streamed["status"] = r.status_code
-            streamed["lines"] = [line for line in r.iter_lines() if line]
+            streamed[i]["status"] = r.status_code
+            streamed[i]["lines"] = [line for line in r.iter_lines() if line]
 
     def health():
         return httpx.get(f"{url}/health", timeout=30).json()
@@ -796,33 +802,37 @@ def test_sigterm_ends_a_stream_with_its_last_chunk_and_refuses_what_waits(tiny_c
             time.sleep(0.05)
         raise AssertionError(f"the server never got there: {health()}")
 
-    reader = threading.Thread(target=stream)
+    readers = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
     try:
-        reader.start()
-        wait_for(lambda h: h["busy"])
+        for reader in readers:
+            reader.start()
+        wait_for(lambda h: h["decoding"] == 2)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             waiting = [pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=60,
                                    json={"messages": [user("hi")], "max_tokens": 2}) for _ in range(3)]
             wait_for(lambda h: h["queued"] == 3)
             err = stop_server(p, signal.SIGTERM)
             answers = [f.result(timeout=30) for f in waiting]
-        reader.join(30)
+        for reader in readers:
+            reader.join(30)
     finally:
         if p.poll() is None:
             p.kill()
     for r in answers:
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "server_shutting_down"
-    lines = streamed["lines"]
-    assert streamed["status"] == 200 and lines[-1] == "data: [DONE]", lines[-3:]
-    last = json.loads(lines[-2][6:])
-    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] > 0
+    for one in streamed:
+        lines = one["lines"]
+        assert one["status"] == 200 and lines[-1] == "data: [DONE]", lines[-3:]
+        last = json.loads(lines[-2][6:])
+        assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] > 0
     assert "Traceback" not in err and "ERROR" not in err, err
 
 
 @pytest.mark.parametrize("args,code,needle", [
     (["--port", "70000"], 2, "port"),
     (["--max-body-bytes", "-5"], 2, "positive"),
+    (["--max-batch-size", "0"], 2, "positive"),
     (["--model", "/nonexistent/model/dir", "--port", "0"], 1, "nonexistent"),
     (["--resolution", "300", "--port", "0"], 1, "resolution"),
     ("taken", 1, "cannot listen"),
