@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -273,6 +274,29 @@ class Turn:
                             self.timings)
 
 
+# Never set: the worker threads of stopped engines wait on it until the process ends.
+_PARKED = threading.Event()
+
+
+def _work_then_park(run_ref: "weakref.WeakMethod", done: threading.Event) -> None:
+    """A model worker thread's body: run the engine's worker, set DONE, then wait for ever (the
+    thread is a daemon: it goes with the process), holding no reference to the engine.
+
+    Why it never ends: a thread that ran MLX work and ends just before the process exits races
+    MLX's static destructors with its per-thread state, and the process aborts ("terminate
+    called without an active exception": 1 to 12 exits in 40 of a small script, MLX 0.32 on
+    Linux; none while the thread still lives). A server stops its engine and exits at once, so
+    the worker stays."""
+    run = run_ref()
+    try:
+        if run is not None:
+            run()
+    finally:
+        done.set()
+        del run
+    _PARKED.wait()
+
+
 class Engine:
     """Owns the model. `submit` queues a Job; the worker thread (`_run`) decodes up to
     `max_batch_size` of them together."""
@@ -301,7 +325,9 @@ class Engine:
         self.stats = collections.Counter(served=0, cancelled=0, failed=0, timed_out=0)
         self._stopping = False
         self._shutting_down = False
-        self._thread = threading.Thread(target=self._run, name="fastvlm-model", daemon=True)
+        self._done = threading.Event()  # set once the worker has stopped working
+        self._thread = threading.Thread(target=_work_then_park, args=(weakref.WeakMethod(self._run), self._done),
+                                        name="fastvlm-model", daemon=True)
 
     # -- the handlers' side ----------------------------------------------------------------------
 
@@ -317,7 +343,7 @@ class Engine:
             self._queue.clear()
             self._cond.notify_all()
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._done.wait(timeout)
 
     def shut_down(self) -> None:
         """The server is going away: refuse every waiting job (EngineShuttingDown) and end the
@@ -334,7 +360,12 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping and not self._shutting_down
+        return self.worker_running and not self._stopping and not self._shutting_down
+
+    @property
+    def worker_running(self) -> bool:
+        """Whether the model worker is started and has not stopped (see _work_then_park)."""
+        return self._thread.is_alive() and not self._done.is_set()
 
     @property
     def busy(self) -> bool:

@@ -120,7 +120,7 @@ def live(tiny_loaded):
     server = LiveServer(app)
     yield server
     server.close()
-    assert not server.engine._thread.is_alive(), "the model worker outlived the server"
+    assert not server.engine.worker_running, "the model worker outlived the server"
 
 
 @pytest.fixture(scope="module")

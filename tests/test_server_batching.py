@@ -33,7 +33,7 @@ def batched(tiny_loaded):
                                    prompt_cache_size=64))
     yield server
     server.close()
-    assert not server.engine._thread.is_alive(), "the model worker outlived the server"
+    assert not server.engine.worker_running, "the model worker outlived the server"
 
 
 def picture(seed):
