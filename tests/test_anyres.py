@@ -260,3 +260,73 @@ def test_runtime_tiles_match_the_reference(tiny_loaded, tiny_source):
     wrong, _ = ref_logits(ref_model, req.ids, processor.image_token_id, image, [[256, 128]], 128,
                           "flat", None, "tile_order")
     assert ref.rel_err(got, wrong) > 100 * TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# The converter and the loader
+
+
+@pytest.mark.parametrize("layout", ["apple", "transformers"])
+def test_bfloat16_tiled_checkpoint_round_trips_with_its_newline(tiny_source, tmp_path, layout):
+    """Apple releases bfloat16: the settings and image_newline survive the conversion (to
+    float32 exactly), in either layout, pinpoints in the string form too."""
+    src = write_tiled(tmp_path / "src", tiny_source, "spatial_unpad", layout, torch.bfloat16,
+                      pinpoints=str([tuple(p) for p in PINPOINTS]))
+    out = convert(src, tmp_path / "out", dtype="float32")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["image_aspect_ratio"], cfg["image_grid_pinpoints"], cfg["mm_patch_merge_type"]) == (
+        "anyres", PINPOINTS, "spatial_unpad")
+    assert cfg["image_size"] == TILE
+    model, processor = fastvlm_mlx.load(out)
+    expected = newline_vector().to(torch.bfloat16).float().numpy()
+    assert model.image_newline.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(model.image_newline), expected)
+    assert processor.tiling.pinpoints == tuple(map(tuple, PINPOINTS))
+    # converted again (our own layout), nothing changes
+    again = convert(out, tmp_path / "again", dtype="float32")
+    assert json.loads((again / "config.json").read_text()) == cfg
+    np.testing.assert_array_equal(np.array(fastvlm_mlx.load(again)[0].image_newline), expected)
+
+
+BAD_SETTINGS = [
+    (dict(image_aspect_ratio="square"), "image_aspect_ratio 'square' is not supported"),
+    (dict(image_aspect_ratio="anyres_max_9"), "LLaVA-OneVision"),
+    (dict(mm_patch_merge_type="unpad"), "mm_patch_merge_type 'unpad' is not supported"),
+    (dict(mm_use_im_start_end=True), "mm_use_im_start_end"),
+    (dict(image_grid_pinpoints=[[128, 200]]), "not a whole number of 128 px tiles"),
+    (dict(image_grid_pinpoints="[(128, 256), oops]"), "not a list of [width, height] pairs"),
+    (dict(image_grid_pinpoints=None), "needs image_grid_pinpoints"),
+]
+
+
+@pytest.mark.parametrize("settings,message", BAD_SETTINGS)
+def test_settings_that_cannot_run_are_refused_in_one_line(tiny_source, tmp_path, settings, message):
+    src = write_tiled(tmp_path / "src", tiny_source, "spatial_unpad")
+    cfg = json.loads((src / "config.json").read_text())
+    ref.save_json(src / "config.json", {k: v for k, v in {**cfg, **settings}.items() if v is not None})
+    with pytest.raises(ConvertError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
+        convert(src, tmp_path / "out", dtype="float32")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_newline_the_merge_needs_is_required(tiny_source, tmp_path):
+    src = write_tiled(tmp_path / "src", tiny_source, "spatial_unpad", newline=False)
+    with pytest.raises(ConvertError, match="missing tensor 'image_newline'"):
+        convert(src, tmp_path / "out", dtype="float32")
+
+
+def test_cli_and_loader_refuse_in_one_line(tiny_source, tmp_path):
+    src = write_tiled(tmp_path / "src", tiny_source, "spatial_unpad", mm_patch_merge_type="spatial_x")
+    assert_one_line_error(convert_cli("--model", src, "--out", tmp_path / "o"),
+                          "mm_patch_merge_type 'spatial_x' is not supported")
+    # a converted model whose config.json was edited afterwards
+    good = convert(write_tiled(tmp_path / "good", tiny_source, "flat", newline=False),
+                   tmp_path / "mlx", dtype="float32")
+    cfg = json.loads((good / "config.json").read_text())
+    ref.save_json(good / "config.json", {**cfg, "image_aspect_ratio": "anyres_max_4"})
+    from fastvlm_mlx.config import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="anyres_max_4' is not supported") as e:
+        fastvlm_mlx.load(good)
+    assert "\n" not in str(e.value)
