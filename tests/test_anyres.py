@@ -330,3 +330,102 @@ def test_cli_and_loader_refuse_in_one_line(tiny_source, tmp_path):
     with pytest.raises(ModelLoadError, match="anyres_max_4' is not supported") as e:
         fastvlm_mlx.load(good)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# --tiles in every entry point (the tiny 256 px single-view model, 128 px tiles)
+
+pytestmark_tiles = pytest.mark.filterwarnings("ignore:resolution 128 differs")
+TILES = dict(tiles=(2, 1), tile_size=128)
+
+
+@pytest.fixture(scope="module")
+def wide_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiles") / "wide.png"
+    sample_image("wide", seed=9).save(path)
+    return path
+
+
+@pytestmark_tiles
+def test_generate_cli_takes_tiles_and_refuses_bad_ones_in_one_line(tiny_converted, tiny_loaded, wide_png):
+    from test_generate import run_cli
+
+    r = run_cli("--model", tiny_converted, "--image", wide_png, "--tiles", "2x1", "--tile-size", "128",
+                "--max-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    api = fastvlm_mlx.generate(*tiny_loaded, None, [wide_png], max_tokens=4, **TILES)
+    assert out["image_tokens"] == api.image_tokens == 12 and out["resolution"] == 128
+    assert out["token_ids"] == api.token_ids
+    for flags, needle in ((["--tiles", "0x2"], "is not a grid"), (["--tiles", "big"], "is not a grid"),
+                          (["--tiles", "2x2", "--tile-size", "100"], "multiple of 64"),
+                          (["--tile-size", "128"], "tile_size needs tiles")):
+        r = run_cli("--model", tiny_converted, "--image", wide_png, *flags, "--max-tokens", "2")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0], r.stderr
+
+
+@pytestmark_tiles
+def test_feature_cache_keys_hold_the_tiling_and_vision_covers_every_view(tiny_loaded, wide_png):
+    from fastvlm_mlx.feature_cache import FeatureCache
+
+    model, processor = tiny_loaded
+    cache = FeatureCache()
+    one = fastvlm_mlx.generate(model, processor, None, [wide_png], max_tokens=2, resolution=128,
+                               feature_cache=cache)
+    tiled = fastvlm_mlx.generate(model, processor, None, [wide_png], max_tokens=2, feature_cache=cache,
+                                 **TILES)
+    assert not tiled.feature_cache_hit and tiled.timings.vision_ms > 0  # not the single view's
+    assert (one.image_tokens, tiled.image_tokens) == (4, 12)
+    again = fastvlm_mlx.generate(model, processor, None, [wide_png], max_tokens=2, feature_cache=cache,
+                                 **TILES)
+    assert again.feature_cache_hit and again.timings.vision_ms == 0
+    assert again.token_ids == tiled.token_ids
+    other = fastvlm_mlx.generate(model, processor, None, [wide_png], max_tokens=2, feature_cache=cache,
+                                 tiles=(1, 2), tile_size=128)
+    assert not other.feature_cache_hit
+    assert len(cache) == 3
+
+
+@pytestmark_tiles
+def test_batch_with_and_without_tiles_equals_each_alone(tiny_loaded, wide_png):
+    from fastvlm_mlx.batch import RunningBatch, batch_generate
+
+    model, processor = tiny_loaded
+    tall = sample_image("tall", seed=2)
+    solo = [fastvlm_mlx.generate(model, processor, None, [im], max_tokens=4, feature_cache=False, **TILES)
+            for im in (wide_png, tall)]
+    got = batch_generate(model, processor, [None, None], [[wide_png], [tall]], max_tokens=4,
+                         feature_cache=False, **TILES)
+    assert [r.token_ids for r in got] == [r.token_ids for r in solo]
+    assert [r.image_tokens for r in got] == [12, 12]
+    # one batch, one request tiled and one not
+    batch = RunningBatch(model, processor, feature_cache=False)
+    handles = [batch.add(None, [wide_png], max_tokens=4, **TILES), batch.add(None, [tall], max_tokens=4)]
+    streams = {h: [] for h in handles}
+    while len(batch):
+        for h, r in batch.step().items():
+            streams[h].append(r)
+    plain = fastvlm_mlx.generate(model, processor, None, [tall], max_tokens=4, feature_cache=False)
+    results = [fastvlm_mlx.generate.collect(iter(streams[h])) for h in handles]
+    assert [r.token_ids for r in results] == [solo[0].token_ids, plain.token_ids]
+    assert [r.image_tokens for r in results] == [12, 16]
+
+
+@pytestmark_tiles
+def test_chat_session_with_tiles(tiny_loaded, wide_png):
+    from fastvlm_mlx.chat import ChatSession
+
+    model, processor = tiny_loaded
+    session = ChatSession(model, processor, [wide_png], max_tokens=4, **TILES)
+    first = session.generate("What is this?")
+    assert first.image_tokens == 12
+    assert first.token_ids == fastvlm_mlx.generate(model, processor, "What is this?", [wide_png],
+                                                   max_tokens=4, **TILES).token_ids
+    second = session.generate("And then?")
+    assert second.token_ids and len(session.history) > first.prompt_tokens + len(first.token_ids)
+    from fastvlm_mlx.processing import InputError
+
+    with pytest.raises(InputError, match="is not a grid"):
+        ChatSession(model, processor, [wide_png], tiles=(9, 1))
