@@ -429,3 +429,30 @@ def test_chat_session_with_tiles(tiny_loaded, wide_png):
 
     with pytest.raises(InputError, match="is not a grid"):
         ChatSession(model, processor, [wide_png], tiles=(9, 1))
+
+
+@pytestmark_tiles
+def test_server_tiles_extension_field(tiny_loaded, wide_png):
+    from fastvlm_mlx.server import create_app
+    from test_server import KEY, LiveServer, data_url, user
+
+    model, processor = tiny_loaded
+    server = LiveServer(create_app(model, processor, model_id="tiny", api_key=KEY, tile_size=128))
+    try:
+        msgs = [user("What is this?", data_url(wide_png.read_bytes()))]
+        want = fastvlm_mlx.generate(model, processor, "What is this?", [wide_png], max_tokens=4,
+                                    feature_cache=False, **TILES)
+        for tiles in ("2x1", [2, 1]):
+            r = server.post({"messages": msgs, "max_tokens": 4, "tiles": tiles})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["usage"]["image_tokens"] == 12
+            assert body["choices"][0]["message"]["content"] == want.text
+        plain = server.post({"messages": msgs, "max_tokens": 4})
+        assert plain.status_code == 200 and plain.json()["usage"]["image_tokens"] == 16
+        for bad in ("0x1", "2by2", [2, 2, 2], 3):
+            r = server.post({"messages": msgs, "max_tokens": 4, "tiles": bad})
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"]["type"] == "invalid_request_error"
+    finally:
+        server.close()
