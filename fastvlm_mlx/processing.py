@@ -2,10 +2,11 @@
 
 Preprocessing follows the reference (`image_aspect_ratio: pad`): RGB, pad to a square with black
 at offset floor((side - w) / 2), bicubic resize (PIL) to the model resolution, scale to [0, 1], no
-mean/std normalisation. The prompt follows the reference `qwen_2` template; the text around each
-`<image>` marker is tokenized separately and the marker becomes N image-token slots, which is
-how Apple's reference splices (its vocabulary has no image token) and what transformers' port
-gives with its real `<image>` token.
+mean/std normalisation (AnyRes tiles, `image_aspect_ratio: anyres` or `--tiles`, are tiles.py's).
+The prompt follows the reference `qwen_2` template; the text around each `<image>` marker is
+tokenized separately and the marker becomes N image-token slots (N per image: with tiles it
+depends on the image's size), which is how Apple's reference splices (its vocabulary has no image
+token) and what transformers' port gives with its real `<image>` token.
 """
 
 import errno
