@@ -311,8 +311,11 @@ class Engine:
                 f"{self.max_prompt_chars} (max_prompt_chars, from the model's context of "
                 f"{context_length(self.model)} tokens)")
         size, tiling, _ = self.views(tiles)
-        counts = None if tiling is None else self.processor.image_tokens(images or [], size, tiling)
-        ids = self.processor.encode(prompt_text, size, counts)
+        if tiling is None:
+            ids = self.processor.encode(prompt_text, size)
+        else:
+            ids = self.processor.encode(prompt_text, size,
+                                        self.processor.image_tokens(images or [], size, tiling))
         check_context(self.model, len(ids), sum(t == self.processor.image_token_id for t in ids))
         return ids
 
