@@ -379,6 +379,7 @@ def batch_generate(
     prompts: Sequence[Prompt],
     images: Optional[Sequence[Optional[Sequence[ImageInput]]]] = None,
     *,
+    videos: Optional[Sequence] = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     feature_cache: Union[FeatureCache, bool, None] = True,
     **options,
@@ -388,6 +389,8 @@ def batch_generate(
 
     images: one list of images per prompt (an image alone, None or [] for a text-only prompt),
         or None when no prompt has any.
+    videos: one video file (or None) per prompt, instead of its images; its frames are sampled
+        by the options' `frames` or `fps` (see video.py).
     options: stream_generate's (system, resolution, tiles, tile_size, max_pixels, max_tokens,
         temperature, seed, ...), the same for every prompt. Requests join as rows free up, so a bad input raises
         when its turn comes.
@@ -396,10 +399,15 @@ def batch_generate(
     images = [None] * len(prompts) if images is None else list(images)
     if len(images) != len(prompts):
         raise InputError(f"{len(prompts)} prompts but {len(images)} image lists")
+    videos = [None] * len(prompts) if videos is None else list(videos)
+    if len(videos) != len(prompts):
+        raise InputError(f"{len(prompts)} prompts but {len(videos)} videos")
+    sampling = {k: options.pop(k) for k in ("frames", "fps") if k in options}  # (videos only)
     batch = RunningBatch(model, processor, max_batch_size=max_batch_size,
                          feature_cache=feature_cache, max_kv_size=options.get("max_kv_size"))
     mx.reset_peak_memory()
-    requests = ((i, (p, ims), options) for i, (p, ims) in enumerate(zip(prompts, images)))
+    requests = ((i, (p, ims), options if v is None else {**options, "video": v, **sampling})
+                for i, (p, ims, v) in enumerate(zip(prompts, images, videos)))
     results: List[Optional[GenerationResult]] = [None] * len(prompts)
     try:
         for i, result in as_completed(batch, requests):

@@ -20,6 +20,8 @@ from .generate import (
     GenerationResponse,
     GenerationResult,
     Prompt,
+    check_video_args,
+    cli_video,
     collect,
     generation_options,
     resolve_views,
@@ -158,10 +160,14 @@ def _read_prompt(interactive: bool) -> Optional[str]:
 def run_chat(args) -> int:
     """The REPL: the first prompt from --prompt (if given), then one turn per line of stdin."""
     options = dict(generation_options(args), **_cli.tile_options(args))
+    check_video_args(args)
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=args.max_pixels) for im in args.image]
     load_ms = ms_since(t0)
     model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
+    video = cli_video(args, model, processor)  # (its frames fit beside the first prompt)
+    if video is not None:
+        images, load_ms = video.images, video.decode_ms
     session = ChatSession(model, processor, images, system=args.system, resolution=args.resolution,
                           **options)
     session.load_ms += load_ms  # the images were decoded before the model loaded

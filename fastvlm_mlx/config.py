@@ -2,12 +2,15 @@
 
 The vision architecture is data (depths, widths, mixers), so tests and tools can build reduced
 FastViTHD towers with the same block types. The text config is kept as the dict of mlx-lm's Qwen2
-`ModelArgs` fields and handed to mlx-lm unchanged. The dtype names (`DTYPES`) and the one-line
-error of a model that cannot be loaded (`ModelLoadError`) live here too: the converter and the
-loader both use them.
+`ModelArgs` fields and handed to mlx-lm unchanged. The dtype names (`DTYPES`), whether a directory
+holds a converted model (`is_converted`) and the one-line errors (`ModelLoadError` for a model that
+cannot be loaded, `InputError` for bad user input) live here too: every other module uses them,
+and this one imports none of ours.
 """
 
+import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
@@ -20,6 +23,10 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 class ModelLoadError(ValueError):
     """A model directory that cannot be loaded; the message says why in one line."""
+
+
+class InputError(ValueError):
+    """Bad user input (image, prompt, resolution); the message names the problem in one line."""
 
 
 def _from_dict(cls, params: dict):
@@ -121,3 +128,12 @@ class ModelConfig:
         if not out["mm_use_im_start_end"]:
             del out["mm_use_im_start_end"]
         return out
+
+
+def is_converted(path: Path) -> bool:
+    """Whether PATH holds a converted model: a config.json in our schema (ModelConfig)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") == "fastvlm" and "text_config" in cfg

@@ -30,8 +30,7 @@ from .checkpoint import (
     resolve_source,
     source_layout,
 )
-from .config import DTYPES
-from .loader import is_converted
+from .config import DTYPES, is_converted
 from .model import Model, build_model
 from .weights import WeightError, cast_floating, sanitize
 

@@ -23,7 +23,7 @@ import urllib.parse
 import urllib.request
 from typing import Callable, List, Optional
 
-from .processing import InputError
+from .config import InputError
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)

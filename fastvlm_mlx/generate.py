@@ -339,6 +339,39 @@ def check_context(model, n_tokens: int, n_image_tokens: int) -> None:
         )
 
 
+def images_that_fit(model, processor, prompt, size: int, system=DEFAULT_SYSTEM) -> Optional[int]:
+    """How many images at SIZE fit in the model's context beside PROMPT's first turn (None: the
+    context is unbounded, or the prompt fixes its own image count, with markers or ids)."""
+    limit = context_length(model)
+    if not limit:
+        return None
+    try:
+        one, two = (len(processor.prompt_ids(prompt, n, size, system)) for n in (1, 2))
+    except InputError:
+        return None
+    per_image = two - one  # its slots and the marker's newline
+    return max(0, (limit - (one - per_image)) // per_image)
+
+
+def video_frames(model, processor, video, size: int, prompt=None, system=DEFAULT_SYSTEM,
+                 frames: Optional[int] = None, fps: Optional[float] = None,
+                 max_pixels: Optional[int] = None):
+    """VIDEO's sampled frames (a video.Video; see video.read_video), refused in one line when
+    more of them than fit in the context beside PROMPT, saying how many would (before decoding
+    when the file's frame count tells)."""
+    from .video import FrameLimitError, read_video
+
+    fit = images_that_fit(model, processor, prompt, size, system)
+    try:
+        return read_video(video, frames=frames, fps=fps, max_frames=fit, max_pixels=max_pixels)
+    except FrameLimitError as e:
+        raise ContextLengthError(
+            f"video {video}: {e.wanted} frames at {size} px ({processor.tokens_per_image(size)} "
+            f"image tokens each) do not fit in the model's context of {context_length(model)} "
+            f"tokens with this prompt; at most {fit} do: sample fewer (frames / --frames, fps / "
+            "--fps) or use a lower resolution") from None
+
+
 def image_features(
     model,
     images: Sequence,
@@ -496,14 +529,27 @@ class Request:
 
 def prepare_request(model, processor, prompt, images, history, *, system=DEFAULT_SYSTEM,
                     resolution=None, max_pixels=None, load_ms=0.0, preprocess_ms=0.0, queue_ms=None,
-                    tiles=None, tile_size=None, **options) -> Request:
+                    tiles=None, tile_size=None, video=None, frames=None, fps=None,
+                    **options) -> Request:
     """stream_generate's first part, with its arguments: the options, resolution and tiles,
-    checked; the images, decoded; the template and tokens; the context rule."""
+    checked; the images (or the video's frames), decoded; the template and tokens; the context
+    rule."""
     opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults,
                                          vocab_size=model.vocab_size)
     size, tiling = resolve_views(model, processor, resolution, tiles, tile_size)
     if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
         images = [images]
+    if video is not None:
+        if images:
+            raise InputError("give images or a video, not both")
+        if history:
+            raise InputError("a video goes in the first turn of a conversation")
+        t0 = time.perf_counter()  # decoding is outside TTFT, like an image's
+        images = video_frames(model, processor, video, size, prompt, system, frames, fps,
+                              max_pixels).images
+        load_ms += ms_since(t0)
+    elif frames is not None or fps is not None:
+        raise InputError("frames and fps sample a video: they need video=")
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=max_pixels) for im in images or []]
     timings = Timings(load_ms=load_ms + ms_since(t0), preprocess_ms=preprocess_ms, queue_ms=queue_ms)
@@ -543,6 +589,9 @@ def stream_generate(
     queue_ms: Optional[float] = None,
     tiles=None,
     tile_size: Optional[int] = None,
+    video=None,
+    frames: Optional[int] = None,
+    fps: Optional[float] = None,
     **options,
 ) -> Iterator[GenerationResponse]:
     """Stream an answer about `images`. Never prints.
@@ -560,6 +609,8 @@ def stream_generate(
         encodes each image as a 2x2 grid of TILE_SIZE tiles (default the resolution, else the
         trained one) beside a global view (tiles.py). A checkpoint trained with tiles tiles
         its images without being asked.
+    video: a video file, instead of images: its frames, sampled by `frames` (default 8) or
+        `fps` (see video.py), become the images, in time order; decoding counts in load_ms.
     options: system, resolution, feature_cache (a FeatureCache, True for the model's own,
         False/None for none), max_pixels, and GenerationOptions' fields: max_tokens,
         temperature (temp), top_p, top_k, min_p, repetition_penalty, repetition_context_size,
@@ -571,7 +622,7 @@ def stream_generate(
     request = prepare_request(model, processor, prompt, images, history, system=system,
                               resolution=resolution, max_pixels=max_pixels, load_ms=load_ms,
                               preprocess_ms=preprocess_ms, queue_ms=queue_ms, tiles=tiles,
-                              tile_size=tile_size, **options)
+                              tile_size=tile_size, video=video, frames=frames, fps=fps, **options)
     opts, size, images, ids, history, timings = (
         request.opts, request.size, request.images, request.ids, request.history, request.timings)
     n_image_tokens = request.n_image_tokens
@@ -676,6 +727,7 @@ def build_parser():
     _cli.add_model_arg(p)
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="IMG",
                    help="image path or http(s) URL; repeat or list several")
+    add_video_args(p)
     p.add_argument("--prompt", default=None, help=f'the question (default "{DEFAULT_PROMPT}")')
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system message")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
@@ -694,8 +746,50 @@ def build_parser():
     return p
 
 
-def format_stats(result: GenerationResult, n_images: int) -> str:
+def add_video_args(p) -> None:
+    from .video import DEFAULT_FRAMES
+
+    g = p.add_argument_group("video (its frames become the images; needs the video extra)")
+    g.add_argument("--video", default=None, metavar="FILE",
+                   help="a video file, instead of --image: sampled frames, in time order")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--frames", type=_cli.positive(int), default=DEFAULT_FRAMES, metavar="N",
+                     help="sample N frames: the centres of N equal segments of the video")
+    how.add_argument("--fps", type=_cli.positive(float), default=None, metavar="F",
+                     help="sample a frame every 1/F seconds instead (segment centres), each frame "
+                     "at most once")
+
+
+def check_video_args(args) -> None:
+    """What --video can tell before the model loads: not beside --image, PyAV installed, the
+    file there."""
+    if args.video is None:
+        return
+    from .video import check_file
+
+    if args.image:
+        raise InputError("give --image or --video, not both")
+    check_file(args.video)
+
+
+def cli_video(args, model, processor):
+    """--video's frames (a video.Video) for the generate and chat CLIs; None without --video."""
+    if args.video is None:
+        return None
+    size = resolve_resolution(model, processor, args.resolution)
+    return video_frames(model, processor, args.video, size, args.prompt, args.system,
+                        frames=None if args.fps else args.frames, fps=args.fps,
+                        max_pixels=args.max_pixels)
+
+
+def format_stats(result: GenerationResult, n_images: int, video=None) -> str:
     t = result.timings
+    if video is None:
+        load = f"Image load: {t.load_ms:.1f} ms (outside TTFT, like model load)"
+    else:
+        load = (f"Video: {len(video.images)} frames at "
+                f"{', '.join(f'{s:.2f}' for s in video.timestamps)} s of {video.duration:.2f} s, "
+                f"decoded in {t.load_ms:.1f} ms (outside TTFT, like model load)")
     lines = [
         "=" * 10,
         f"Prompt: {result.prompt_tokens} tokens ({result.prompt_tokens - result.image_tokens} text + "
@@ -704,7 +798,7 @@ def format_stats(result: GenerationResult, n_images: int) -> str:
         + (" (feature cache hit)" if t.feature_cache_hit else "")
         + f" + connector {t.connector_ms:.1f} + prefill {t.prefill_ms:.1f}"
         f" + first token {t.first_token_ms:.1f}",
-        f"Image load: {t.load_ms:.1f} ms (outside TTFT, like model load)",
+        load,
         f"Generation: {len(result.token_ids)} tokens, {t.decode_tps:.1f} tokens/s",
         f"Peak memory: {t.peak_memory_gb:.3f} GB",
     ]
@@ -743,20 +837,28 @@ def generation_options(args) -> dict:
 def run_cli(args) -> int:
     # Options and images first, images decoded once: bad input fails before the model loads.
     options = dict(generation_options(args), **_cli.tile_options(args))
+    check_video_args(args)
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=args.max_pixels) for im in args.image]
     load_ms = ms_since(t0)
     model, processor = load(args.model, dtype=runtime_dtype(args.dtype))
+    video = cli_video(args, model, processor)
+    if video is not None:
+        images, load_ms = video.images, video.decode_ms
     responses = stream_generate(
         model, processor, args.prompt, images, system=args.system, resolution=args.resolution,
         load_ms=load_ms, **options,
     )
     if args.json:
-        print(json.dumps(collect(responses).to_dict()), flush=True)
+        out = collect(responses).to_dict()
+        if video is not None:
+            out["video"] = {"duration_s": round(video.duration, 6),
+                            "timestamps_s": [round(t, 6) for t in video.timestamps]}
+        print(json.dumps(out), flush=True)
         return 0
     result = stream_to_stdout(responses)
     if not args.quiet:
-        print(format_stats(result, len(images)), file=sys.stderr, flush=True)
+        print(format_stats(result, len(images), video), file=sys.stderr, flush=True)
     return 0
 
 

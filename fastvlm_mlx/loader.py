@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from .config import DTYPES, ModelConfig, ModelLoadError
+from .config import DTYPES, ModelConfig, ModelLoadError, is_converted
 from .model import Model, build_model
 from .processing import Processor
 from .weights import WeightError, cast_floating
@@ -73,14 +73,6 @@ def load_converted(
     processor = Processor.from_pretrained(path, config)
     model.limit_vocabulary(len(processor.tokenizer))
     return model, processor
-
-
-def is_converted(path: Path) -> bool:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return cfg.get("model_type") == "fastvlm" and "text_config" in cfg
 
 
 def cache_root() -> Path:

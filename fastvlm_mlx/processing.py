@@ -10,6 +10,7 @@ token) and what transformers' port gives with its real `<image>` token.
 """
 
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -24,7 +25,8 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps
 
-from .config import ModelConfig
+from . import fetch
+from .config import InputError, ModelConfig  # noqa: F401 (InputError: processing.InputError is public)
 from .tiles import Tiling, checkpoint_tiling
 
 IMAGE_MARKER = "<image>"
@@ -32,10 +34,6 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_PROMPT = "Describe the image."
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
-
-
-class InputError(ValueError):
-    """Bad user input (image, prompt, resolution); the message names the problem in one line."""
 
 
 def check_resolution(size: int, stride: int = 64) -> int:
@@ -82,9 +80,7 @@ def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int
               allow_private: bool = True, cancel=None) -> bytes:
     """GET an http(s) URL within a total deadline, with a cap on the body size (the settings
     above when not given); see fetch.fetch_url for ALLOW_PRIVATE and CANCEL."""
-    from .fetch import fetch_url as get
-
-    return get(url, url_timeout(timeout), url_byte_cap(max_bytes), allow_private, cancel)
+    return fetch.fetch_url(url, url_timeout(timeout), url_byte_cap(max_bytes), allow_private, cancel)
 
 
 def _open(source, name: str, cap: int) -> Image.Image:
@@ -200,22 +196,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InputError(f"cannot convert an image of mode {image.mode} to RGB: {e}") from None
 
 
-def _check_regular_file(path: Path) -> None:
+def check_regular_file(path: Path, what: str = "image") -> None:
     """Refuse anything but a regular file, saying what it is (a FIFO or /dev/zero would be read
-    for ever, a directory is no image)."""
+    for ever, a directory is no image). WHAT names the file's role in the messages."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
+        raise InputError(f"{what} not found: {path}") from None
     except OSError as e:
         reason = "it is a symlink loop" if e.errno == errno.ELOOP else e.strerror or str(e)
-        raise InputError(f"cannot read image {path}: {reason}") from None
+        raise InputError(f"cannot read {what} {path}: {reason}") from None
     if stat.S_ISREG(mode):
         return
     kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-    raise InputError(f"image {path} is {kind}, not an image file")
+    raise InputError(f"{what} {path} is {kind}, not {'an' if what[0] in 'aeiou' else 'a'} {what} file")
 
 
 def to_pil(
@@ -249,7 +245,7 @@ def to_pil(
         image = _open(io.BytesIO(fetch_url(image, timeout, max_bytes)), image, cap)
     elif isinstance(image, (str, Path)):
         path = Path(image)
-        _check_regular_file(path)
+        check_regular_file(path)
         if path.stat().st_size == 0:
             raise InputError(f"cannot read image {path}: the file is empty (0 bytes)")
         image = _open(path, str(path), cap)
@@ -400,7 +396,7 @@ class Processor:
         own = getattr(self.tokenizer, "eos_token_ids", None) or []
         return frozenset(self.eos_token_ids) | frozenset(own)
 
-    @property
+    @functools.cached_property  # (read on every follow-up turn; the tokenizer does not change)
     def im_end_id(self) -> Optional[int]:
         ids = self.tokenizer.encode("<|im_end|>", add_special_tokens=False)
         return ids[0] if len(ids) == 1 else None
