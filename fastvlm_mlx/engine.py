@@ -27,7 +27,7 @@ from .generate import (
     resolve_views,
 )
 from .processing import InputError
-from .tiles import parse_grid
+from .tiles import Tiling, parse_grid
 from .timing import ms_since
 
 log = logging.getLogger("fastvlm_mlx.engine")
@@ -289,7 +289,7 @@ class Engine:
             sampling, defaults={**self.processor.generation_defaults, **self.settings.cache_options()},
             vocab_size=self.model.vocab_size)
 
-    def views(self, tiles=None) -> Tuple[int, Optional[object], Optional[Tuple[int, int]]]:
+    def views(self, tiles=None) -> Tuple[int, Optional[Tiling], Optional[Tuple[int, int]]]:
         """(resolution, tiling, grid) of a request asking for TILES (None: the engine's own),
         checked (InputError)."""
         tiles = self.settings.tiles if tiles is None else tiles
