@@ -193,6 +193,24 @@ def add_verbosity_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--quiet", dest="quiet", action="store_true", help="the same as --verbose False")
 
 
+def add_tile_args(p: argparse.ArgumentParser) -> None:
+    """AnyRes tiles for a single-view checkpoint (tiles.py): --tiles, --tile-size."""
+    p.add_argument("--tiles", default=None, metavar="COLSxROWS",
+                   help="experimental: encode each image as a grid of tiles (such as 2x2) beside "
+                   "a global view (default: one view, or the model's own tiling)")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="each tile's (and the global view's) resolution, a multiple of 64 "
+                   "(default: --resolution, else the trained size)")
+
+
+def tile_options(args: argparse.Namespace) -> dict:
+    """--tiles and --tile-size as stream_generate options, the grid checked now (before the
+    model loads)."""
+    from .tiles import parse_grid
+
+    return dict(tiles=None if args.tiles is None else parse_grid(args.tiles), tile_size=args.tile_size)
+
+
 def add_kv_args(p: argparse.ArgumentParser) -> None:
     """mlx-lm's KV-cache flags, passed straight through."""
     g = p.add_argument_group("KV cache (mlx-lm's flags)")

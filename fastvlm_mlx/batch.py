@@ -298,27 +298,26 @@ class RunningBatch:
         return failed
 
     def _encode(self, rows: List[_Row]) -> Dict[int, mx.array]:
-        """The projected features of the rows' images, by handle: per resolution, one
-        `image_features` call on all of their images. Each row's timings get its share."""
-        by_size: Dict[int, List[_Row]] = {}
+        """The projected features of the rows' images, by handle: per resolution and tiling,
+        one `image_features` call on all of their images. Each row's timings get its share."""
+        by_views: Dict[tuple, List[_Row]] = {}
         for row in rows:
             if row.request.n_image_tokens:
-                by_size.setdefault(row.request.size, []).append(row)
+                by_views.setdefault((row.request.size, row.request.tiling), []).append(row)
         out = {}
-        for size, group in by_size.items():
+        for (size, tiling), group in by_views.items():
             images = [im for row in group for im in row.request.images]
             shared = Timings()
             recorder = _RecordingCache(self.feature_cache)
             try:
-                projected = image_features(self.model, images, size, recorder, shared)
+                projected = image_features(self.model, images, size, recorder, shared, tiling=tiling)
             except Exception as e:  # it fails the requests that shared it, not the batch
                 for row in group:
                     row.error = e
                 continue
             missed = recorder.missed
             n_missed = max(sum(missed), 1)
-            rows_per_image = self.processor.tokens_per_image(size)
-            start = 0
+            start, first_row = 0, 0  # the group's images, and their feature rows
             for row in group:
                 n = len(row.request.images)
                 own_missed = sum(missed[start:start + n])
@@ -329,8 +328,9 @@ class RunningBatch:
                 t.batch_vision_ms = shared.vision_ms
                 t.connector_ms = shared.connector_ms * n / len(images)
                 t.feature_cache_hit = own_missed == 0
-                out[row.handle] = projected[start * rows_per_image:(start + n) * rows_per_image]
-                start += n
+                n_rows = row.request.n_image_tokens  # its images' slots, sizes and tiles counted
+                out[row.handle] = projected[first_row:first_row + n_rows]
+                start, first_row = start + n, first_row + n_rows
         return out
 
     def _insert(self, row: _Row, features: Optional[mx.array]) -> None:
@@ -453,8 +453,8 @@ def batch_generate(
         or None when no prompt has any.
     videos: one video file (or None) per prompt, instead of its images; its frames are sampled
         by the options' `frames` or `fps` (see video.py).
-    options: stream_generate's (system, resolution, max_pixels, max_tokens, temperature, seed,
-        ...), the same for every prompt. Requests join as rows free up, so a bad input raises
+    options: stream_generate's (system, resolution, tiles, tile_size, max_pixels, max_tokens,
+        temperature, seed, ...), the same for every prompt. Requests join as rows free up, so a bad input raises
         when its turn comes.
     """
     prompts = list(prompts)

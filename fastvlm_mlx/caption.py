@@ -180,6 +180,7 @@ def caption_images(model, processor, paths: Iterable[str], writer: RowWriter, ar
     from .batch import RunningBatch, as_completed
 
     counts = {"ok": 0, "error": 0}
+    tiles = _cli.tile_options(args)
 
     def requests():
         for path in paths:
@@ -191,7 +192,7 @@ def caption_images(model, processor, paths: Iterable[str], writer: RowWriter, ar
                 continue
             yield path, (args.prompt, [image]), dict(
                 system=args.system, resolution=args.resolution, load_ms=ms_since(t0),
-                max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed)
+                max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed, **tiles)
 
     def failed(path, error):
         writer.write({"path": path, "error": " ".join(str(error).split())})
@@ -223,6 +224,7 @@ def run_caption(args) -> int:
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _cli.tile_options(args)  # a bad --tiles fails before anything is read
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
     paths = find_images(args.inputs, args.list)
@@ -314,6 +316,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None,
                    help="each image's sampling seed (default: unseeded)")
     _cli.add_run_args(p)
+    _cli.add_tile_args(p)
     p.add_argument("--retry-errors", action="store_true", help="caption again the paths with an error row")
     _cli.add_verbosity_args(p, "the progress bar and the summary")
     return p

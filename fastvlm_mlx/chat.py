@@ -24,7 +24,7 @@ from .generate import (
     cli_video,
     collect,
     generation_options,
-    resolve_resolution,
+    resolve_views,
     stream_generate,
     stream_to_stdout,
 )
@@ -48,6 +48,8 @@ class ChatSession:
         resolution: Optional[int] = None,
         feature_cache=True,
         max_pixels: Optional[int] = None,
+        tiles=None,
+        tile_size: Optional[int] = None,
         **options,
     ):
         from mlx_lm.models.cache import make_prompt_cache
@@ -57,7 +59,9 @@ class ChatSession:
         # Checked now, so that a bad option fails before the first turn.
         self.options = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults,
                                                      vocab_size=model.vocab_size)
-        self.resolution = resolve_resolution(model, processor, resolution)
+        # The views' resolution and tiling (stream_generate's tiles, tile_size), checked now.
+        self.resolution, self.tiling = resolve_views(model, processor, resolution, tiles, tile_size)
+        self.tiles = tiles
         t0 = time.perf_counter()  # image decoding is outside TTFT
         self.images = [to_pil(im, max_pixels=max_pixels) for im in images or []]
         self.load_ms = ms_since(t0)
@@ -130,6 +134,7 @@ class ChatSession:
         return dict(
             images=self.images if self._first_turn else images, prompt_cache=self.prompt_cache,
             history=self.history, system=self.system, resolution=self.resolution,
+            tiles=self.tiles, tile_size=self.resolution if self.tiles is not None else None,
             load_ms=load_ms + (self.load_ms if self._first_turn else 0.0),
             preprocess_ms=preprocess_ms, queue_ms=queue_ms, **vars(self.options.replace(**overrides)))
 
@@ -169,7 +174,7 @@ def _read_prompt(interactive: bool) -> Optional[str]:
 
 def run_chat(args) -> int:
     """The REPL: the first prompt from --prompt (if given), then one turn per line of stdin."""
-    options = generation_options(args)
+    options = dict(generation_options(args), **_cli.tile_options(args))
     check_video_args(args)
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=args.max_pixels) for im in args.image]

@@ -254,6 +254,22 @@ def quantization_block(cfg: dict) -> Optional[dict]:
 
 def build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelConfig:
     """Our config.json from the source's config and tensors (sanitized names)."""
+    try:
+        return _build_config(src, layout, weights)
+    except ConvertError:
+        raise
+    except ValueError as e:  # ModelConfig's checks (the image settings, tiles.py)
+        raise ConvertError(f"{src / 'config.json'}: {e}") from None
+
+
+# The source config's image settings, in Apple's names (tiles.py); transformers' port of
+# FastVLM has none of them, and a source without them is Apple's released setting, one padded
+# square view.
+IMAGE_SETTINGS = ("image_aspect_ratio", "image_grid_pinpoints", "mm_patch_merge_type",
+                  "mm_use_im_start_end")
+
+
+def _build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelConfig:
     cfg_file = src / "config.json"
     cfg = source_config(src)
     if layout == "fastvlm_mlx":
@@ -282,4 +298,5 @@ def build_config(src: Path, layout: str, weights: Dict[str, mx.array]) -> ModelC
         image_token_id=int(image_token),
         eos_token_id=eos or [151645, 151643],
         quantization=quantization_block(cfg),
+        **{k: cfg[k] for k in IMAGE_SETTINGS if cfg.get(k) is not None},
     )

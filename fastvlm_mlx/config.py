@@ -15,6 +15,8 @@ from typing import List, Optional
 
 import mlx.core as mx
 
+from .tiles import check_settings
+
 # The floating-point dtypes a model is converted to or run in, by their names on the command line.
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -87,6 +89,13 @@ class ModelConfig:
     image_token_id: int = 151646
     eos_token_id: List[int] = field(default_factory=lambda: [151645, 151643])
     quantization: Optional[dict] = None
+    # How an image becomes the tower's views, in Apple's names (tiles.py): one square view
+    # ("pad"), or AnyRes tiles beside a global view ("anyres", from image_grid_pinpoints), and
+    # how the views' features are merged (flat, spatial, spatial_unpad with `image_newline`).
+    image_aspect_ratio: str = "pad"
+    image_grid_pinpoints: Optional[List[List[int]]] = None
+    mm_patch_merge_type: str = "flat"
+    mm_use_im_start_end: bool = False  # refused when true
 
     def __post_init__(self):
         if isinstance(self.vision_config, dict):
@@ -96,6 +105,14 @@ class ModelConfig:
         if self.projector_type != "mlp2x_gelu":
             raise ValueError(f"projector_type {self.projector_type!r} is not supported (mlp2x_gelu only)")
         self.text_config = {"model_type": "qwen2", **self.text_config}
+        self.image_aspect_ratio, self.image_grid_pinpoints, self.mm_patch_merge_type = check_settings(
+            self.image_aspect_ratio, self.image_grid_pinpoints, self.mm_patch_merge_type,
+            self.image_size, self.mm_use_im_start_end)
+
+    @property
+    def has_image_newline(self) -> bool:
+        """Whether the model holds Apple's learned `image_newline` (as Apple's code decides)."""
+        return "unpad" in self.mm_patch_merge_type
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelConfig":
@@ -105,8 +122,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        if out["quantization"] is None:
-            del out["quantization"]
+        for key in ("quantization", "image_grid_pinpoints"):
+            if out[key] is None:
+                del out[key]
+        if not out["mm_use_im_start_end"]:
+            del out["mm_use_im_start_end"]
         return out
 
 

@@ -34,9 +34,10 @@ from .generate import (
     check_context,
     context_length,
     fresh_random_state,
-    resolve_resolution,
+    resolve_views,
 )
 from .processing import InputError
+from .tiles import Tiling, parse_grid
 from .timing import ms_since
 
 log = logging.getLogger("fastvlm_mlx.engine")
@@ -65,6 +66,10 @@ class GenerationFailed(EngineError):
 @dataclass
 class EngineSettings:
     resolution: Optional[int] = None  # default: the model's trained size
+    # AnyRes tiles for every request (a grid such as (2, 2); a request's `tiles` overrides it)
+    # and their size (default: the resolution); see generate.resolve_views.
+    tiles: Optional[Tuple[int, int]] = None
+    tile_size: Optional[int] = None
     max_queue: int = 32  # jobs waiting beyond this are refused at once (EngineBusy)
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # jobs decoded together (1: one at a time)
     prompt_cache_size: int = 8  # conversations whose KV cache is kept for reuse
@@ -137,7 +142,8 @@ class Job:
 
     def __init__(self, loop, prompt_ids: List[int], images: Sequence, digests: Sequence[str],
                  load_ms: float, sampling: dict, max_tokens: int, stops: List[str],
-                 logprobs: bool = False, top_logprobs: int = 0, preprocess_ms: float = 0.0):
+                 logprobs: bool = False, top_logprobs: int = 0, preprocess_ms: float = 0.0,
+                 tiles: Optional[Tuple[int, int]] = None):
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.started = asyncio.Event()
@@ -147,6 +153,7 @@ class Job:
         self.load_ms, self.preprocess_ms = load_ms, preprocess_ms
         self.sampling, self.max_tokens, self.stops = sampling, max_tokens, stops
         self.logprobs, self.top_logprobs = logprobs, top_logprobs
+        self.tiles = tiles  # the request's own AnyRes grid (None: the engine's; Engine.views)
         self.submitted = time.perf_counter()
 
     def _call(self, fn, *args):
@@ -232,8 +239,10 @@ class Turn:
 
     def __init__(self, engine: "Engine", job: Job, queue_ms: float):
         self.engine, self.job, self.queue_ms = engine, job, queue_ms
-        self.key = (tuple(job.digests), engine.resolution)
-        self.session, self.cached = engine._session_for(self.key, job.prompt_ids, job.images)
+        size, tiling, grid = engine.views(job.tiles)
+        self.key = (tuple(job.digests), size, tiling)
+        self.session, self.cached = engine._session_for(self.key, job.prompt_ids, job.images,
+                                                        size, grid)
         self.stop = StopText(job.stops)
         self.finish, self.timings, self.n_tokens, self.prompt_tokens = None, None, 0, 0
 
@@ -304,7 +313,10 @@ class Engine:
     def __init__(self, model, processor, settings: Optional[EngineSettings] = None):
         self.model, self.processor = model, processor
         self.settings = settings = settings or EngineSettings()
-        self.resolution = resolve_resolution(model, processor, settings.resolution)
+        # (tile_size alone is the size of the requests' own tiles)
+        self.resolution, self.tiling = resolve_views(
+            model, processor, settings.resolution, settings.tiles,
+            settings.tile_size if settings.tiles is not None else None)
         self.check_options({})  # bad KV-cache options fail at start-up, not at the first request
         limit = context_length(model)
         self.max_prompt_chars = settings.max_prompt_chars or (
@@ -383,16 +395,33 @@ class Engine:
             sampling, defaults={**self.processor.generation_defaults, **self.settings.cache_options()},
             vocab_size=self.model.vocab_size)
 
-    def tokenize(self, prompt_text: str) -> List[int]:
+    def views(self, tiles=None) -> Tuple[int, Optional[Tiling], Optional[Tuple[int, int]]]:
+        """(resolution, tiling, grid) of a request asking for TILES (None: the engine's own),
+        checked (InputError)."""
+        tiles = self.settings.tiles if tiles is None else tiles
+        if tiles is None:
+            return self.resolution, self.tiling, None
+        size, tiling = resolve_views(self.model, self.processor, None, tiles,
+                                     self.settings.tile_size or self.settings.resolution)
+        return size, tiling, parse_grid(tiles)
+
+    def tokenize(self, prompt_text: str, images: Optional[Sequence] = None, tiles=None) -> List[int]:
         """A templated prompt (with `<image>` markers) -> its ids with image slots, checked
         against the context. Text over max_prompt_chars is refused before tokenizing. Called by
-        the request handlers, in their own threads: tokenizing never holds up the model."""
+        the request handlers, in their own threads: tokenizing never holds up the model. With
+        tiles (the request's TILES, the engine's or the model's), each image's slots depend on
+        its size: IMAGES are the decoded images."""
         if len(prompt_text) > self.max_prompt_chars:
             raise ContextLengthError(
                 f"the prompt is {len(prompt_text)} characters, over the limit of "
                 f"{self.max_prompt_chars} (max_prompt_chars, from the model's context of "
                 f"{context_length(self.model)} tokens)")
-        ids = self.processor.encode(prompt_text, self.resolution)
+        size, tiling, _ = self.views(tiles)
+        if tiling is None:
+            ids = self.processor.encode(prompt_text, size)
+        else:
+            ids = self.processor.encode(prompt_text, size,
+                                        self.processor.image_tokens(images or [], size, tiling))
         check_context(self.model, len(ids), sum(t == self.processor.image_token_id for t in ids))
         return ids
 
@@ -544,15 +573,16 @@ class Engine:
             if job in self.running:
                 self.running.remove(job)
 
-    def _session_for(self, key: tuple, ids: List[int], images) -> Tuple[ChatSession, int]:
+    def _session_for(self, key: tuple, ids: List[int], images, size: int,
+                     grid=None) -> Tuple[ChatSession, int]:
         """A kept conversation sharing the longest prefix with IDS (rewound to it), or a new one."""
         session, cached = self.sessions.take(key, ids)
         if session is not None:
             session.rewind(cached)
             return session, cached
         session = ChatSession(self.model, self.processor, images, system=None,
-                              resolution=self.resolution, feature_cache=self.feature_cache,
-                              **self.settings.cache_options())
+                              resolution=size, tiles=grid, tile_size=size if grid else None,
+                              feature_cache=self.feature_cache, **self.settings.cache_options())
         return session, 0
 
     def _finish(self, job: Job, finish, ids, cached: int, n_tokens: int, timings) -> None:

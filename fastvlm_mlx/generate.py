@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -48,6 +48,7 @@ from .processing import (
     preprocess_image,
     to_pil,
 )
+from .tiles import Tiling, TilingError, parse_grid, runtime_tiling
 from .timing import Clock, Timings, ms_since
 
 DEFAULT_MODEL = _cli.DEFAULT_MODEL
@@ -299,6 +300,35 @@ def resolve_resolution(model, processor, resolution: Optional[int]) -> int:
     return size
 
 
+def resolve_views(model, processor, resolution: Optional[int] = None, tiles=None,
+                  tile_size: Optional[int] = None) -> Tuple[int, Optional[Tiling]]:
+    """(the views' resolution, the tiling or None for one square view) of a request, checked.
+
+    Without TILES, the checkpoint's own: its AnyRes tiling at its trained size (which a
+    resolution cannot change), or one view at the resolution. TILES ("2x2", (2, 2)) tiles any
+    image into that grid at TILE_SIZE (default the resolution, else the trained size), beside a
+    global view, merged as the checkpoint merges (tiles.py).
+    """
+    if tiles is None:
+        if tile_size is not None:
+            raise InputError("tile_size needs tiles (a grid such as 2x2)")
+        tiling = processor.tiling
+        if tiling is not None and resolution is not None and resolution != tiling.tile_size:
+            raise InputError(
+                f"this model tiles its images (anyres) at its trained {tiling.tile_size} px; "
+                f"resolution {resolution} cannot change that (tiles and tile_size can)")
+        return resolve_resolution(model, processor, resolution), tiling
+    if tile_size is not None and resolution is not None and tile_size != resolution:
+        raise InputError(f"tile_size {tile_size} and resolution {resolution} differ: with tiles, "
+                         "give the views' size once")
+    try:
+        grid = parse_grid(tiles)
+    except TilingError as e:
+        raise InputError(str(e)) from None
+    size = resolve_resolution(model, processor, tile_size if tile_size is not None else resolution)
+    return size, runtime_tiling(grid, size, processor.patch_merge_type)
+
+
 def check_context(model, n_tokens: int, n_image_tokens: int) -> None:
     """The one context-length rule: a prompt (with what its cache holds) must leave room."""
     limit = context_length(model)
@@ -348,33 +378,51 @@ def image_features(
     resolution: int,
     feature_cache: Optional[FeatureCache],
     timings: Timings,
+    tiling: Optional[Tiling] = None,
 ) -> mx.array:
-    """Decoded images -> their projected features (N * tokens_per_image, d), in image order.
+    """Decoded images -> their projected features (their image tokens, d), in image order.
 
-    Each image's vision features come from FEATURE_CACHE (keyed by content digest, resolution
-    and dtype) or from one batched vision-tower call on the missing ones; the connector runs on
-    all. Fills preprocess_ms (pixels), vision_ms (0 when every image was cached), connector_ms
-    and feature_cache_hit.
+    Each image is one square view at RESOLUTION, or with TILING a global view and its tiles
+    (tiles.py). Each image's vision features (of all its views) come from FEATURE_CACHE (keyed
+    by content digest, resolution, dtype and tiling) or from one batched vision-tower call on
+    every view of the missing ones; the connector runs on all, then the tiles' merge. Fills
+    preprocess_ms (pixels), vision_ms (0 when every image was cached), connector_ms (with the
+    merge) and feature_cache_hit.
     """
     clock = Clock()
     dtype = str(model.language_model.model.embed_tokens.weight.dtype)
-    keys = [(image_digest(im), resolution, dtype) for im in images]
+    tiled = () if tiling is None else (tiling.key,)
+    keys = [(image_digest(im), resolution, dtype) + tiled for im in images]
     feats = [feature_cache.get(k) if feature_cache is not None else None for k in keys]
     missing = [i for i, f in enumerate(feats) if f is None]
     if missing:
-        pixels = mx.array(np.stack([preprocess_image(images[i], resolution) for i in missing]))
+        if tiling is None:
+            views = [preprocess_image(images[i], resolution)[None] for i in missing]
+        else:
+            views = [tiling.views(images[i]) for i in missing]
+        pixels = mx.array(np.concatenate(views))
         mx.eval(pixels)
         timings.preprocess_ms += clock.lap()
-        encoded = model.encode_images(pixels)
+        encoded = model.encode_images(pixels)  # (views, tokens per view, C)
         mx.eval(encoded)
         timings.vision_ms = clock.lap()
-        for j, i in enumerate(missing):
-            feats[i] = encoded[j]
+        start = 0
+        for i, v in zip(missing, views):
+            feats[i] = encoded[start:start + len(v)]
+            start += len(v)
             if feature_cache is not None:
-                feature_cache.put(keys[i], encoded[j])
+                feature_cache.put(keys[i], feats[i])
     timings.feature_cache_hit = not missing
     clock.lap()
-    projected = model.project(mx.concatenate(feats))
+    projected = model.project(mx.concatenate([f.reshape(-1, f.shape[-1]) for f in feats]))
+    if tiling is not None:
+        rows, start = [], 0
+        for im, f in zip(images, feats):
+            n = f.shape[0] * f.shape[1]
+            own = projected[start:start + n].reshape(f.shape[0], f.shape[1], -1)
+            rows.append(tiling.merge_features(own, im.size, getattr(model, "image_newline", None)))
+            start += n
+        projected = mx.concatenate(rows)
     mx.eval(projected)
     timings.connector_ms = clock.lap()
     return projected
@@ -476,16 +524,19 @@ class Request:
     history: List[int]  # what the prompt cache holds before this turn
     n_image_tokens: int
     timings: Timings  # load_ms, preprocess_ms (the template and tokens) and queue_ms so far
+    tiling: Optional[Tiling] = None  # the images' AnyRes tiles (None: one square view each)
 
 
 def prepare_request(model, processor, prompt, images, history, *, system=DEFAULT_SYSTEM,
                     resolution=None, max_pixels=None, load_ms=0.0, preprocess_ms=0.0, queue_ms=None,
-                    video=None, frames=None, fps=None, **options) -> Request:
-    """stream_generate's first part, with its arguments: the options and resolution, checked;
-    the images (or the video's frames), decoded; the template and tokens; the context rule."""
+                    tiles=None, tile_size=None, video=None, frames=None, fps=None,
+                    **options) -> Request:
+    """stream_generate's first part, with its arguments: the options, resolution and tiles,
+    checked; the images (or the video's frames), decoded; the template and tokens; the context
+    rule."""
     opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults,
                                          vocab_size=model.vocab_size)
-    size = resolve_resolution(model, processor, resolution)
+    size, tiling = resolve_views(model, processor, resolution, tiles, tile_size)
     if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
         images = [images]
     if video is not None:
@@ -509,7 +560,8 @@ def prepare_request(model, processor, prompt, images, history, *, system=DEFAULT
     if history:
         ids = processor.follow_up_ids(prompt, history, size)
     else:
-        ids = processor.prompt_ids(prompt, len(images), size, system)
+        ids = processor.prompt_ids(prompt, len(images), size, system,
+                                   image_tokens=processor.image_tokens(images, size, tiling))
     if not ids:
         raise InputError("the prompt is empty")
     n_image_tokens = sum(t == processor.image_token_id for t in ids)
@@ -517,7 +569,7 @@ def prepare_request(model, processor, prompt, images, history, *, system=DEFAULT
     timings.preprocess_ms += clock.lap()
     if images and not n_image_tokens:  # their rows are in the prompt cache already
         timings.feature_cache_hit = True
-    return Request(opts, size, images, ids, history, n_image_tokens, timings)
+    return Request(opts, size, images, ids, history, n_image_tokens, timings, tiling)
 
 
 def stream_generate(
@@ -535,6 +587,8 @@ def stream_generate(
     load_ms: float = 0.0,
     preprocess_ms: float = 0.0,
     queue_ms: Optional[float] = None,
+    tiles=None,
+    tile_size: Optional[int] = None,
     video=None,
     frames: Optional[int] = None,
     fps: Optional[float] = None,
@@ -551,6 +605,10 @@ def stream_generate(
         holds, a list this call extends by what it feeds (prompt and answer).
     load_ms, preprocess_ms, queue_ms: time the caller spent decoding images, preprocessing
         (e.g. tokenizing) and waiting, counted in the Timings.
+    tiles, tile_size: AnyRes tiles for a single-view checkpoint (experimental): tiles=(2, 2)
+        encodes each image as a 2x2 grid of TILE_SIZE tiles (default the resolution, else the
+        trained one) beside a global view (tiles.py). A checkpoint trained with tiles tiles
+        its images without being asked.
     video: a video file, instead of images: its frames, sampled by `frames` (default 8) or
         `fps` (see video.py), become the images, in time order; decoding counts in load_ms.
     options: system, resolution, feature_cache (a FeatureCache, True for the model's own,
@@ -563,8 +621,8 @@ def stream_generate(
 
     request = prepare_request(model, processor, prompt, images, history, system=system,
                               resolution=resolution, max_pixels=max_pixels, load_ms=load_ms,
-                              preprocess_ms=preprocess_ms, queue_ms=queue_ms, video=video,
-                              frames=frames, fps=fps, **options)
+                              preprocess_ms=preprocess_ms, queue_ms=queue_ms, tiles=tiles,
+                              tile_size=tile_size, video=video, frames=frames, fps=fps, **options)
     opts, size, images, ids, history, timings = (
         request.opts, request.size, request.images, request.ids, request.history, request.timings)
     n_image_tokens = request.n_image_tokens
@@ -578,7 +636,8 @@ def stream_generate(
     clock = Clock()
     features = None
     if n_image_tokens:
-        features = image_features(model, images, size, resolve_feature_cache(feature_cache, model), timings)
+        features = image_features(model, images, size, resolve_feature_cache(feature_cache, model), timings,
+                                  tiling=request.tiling)
         clock.lap()
     embeddings = model.embed(mx.array([ids]), features)[0]
     mx.eval(embeddings)
@@ -690,6 +749,7 @@ def build_parser():
                    help="how many recent tokens --repetition-penalty looks at")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     _cli.add_run_args(p)
+    _cli.add_tile_args(p)
     _cli.add_kv_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     _cli.add_verbosity_args(p, "the stats block (TTFT and its parts, tokens/s, memory)")
@@ -786,7 +846,7 @@ def generation_options(args) -> dict:
 
 def run_cli(args) -> int:
     # Options and images first, images decoded once: bad input fails before the model loads.
-    options = generation_options(args)
+    options = dict(generation_options(args), **_cli.tile_options(args))
     check_video_args(args)
     t0 = time.perf_counter()
     images = [to_pil(im, max_pixels=args.max_pixels) for im in args.image]

@@ -89,6 +89,8 @@ class Model(nn.Module):
             config.vision_config.num_features, text_args.hidden_size
         )
         self.language_model = language_model_class()(text_args)
+        if config.has_image_newline:  # the row-end feature of spatial_unpad tiles (tiles.py)
+            self.image_newline = mx.zeros((text_args.hidden_size,))
 
     def limit_vocabulary(self, n: int) -> None:
         """Never produce ids >= n (the tokenizer's length): see language_model_class."""

@@ -2,10 +2,11 @@
 
 Preprocessing follows the reference (`image_aspect_ratio: pad`): RGB, pad to a square with black
 at offset floor((side - w) / 2), bicubic resize (PIL) to the model resolution, scale to [0, 1], no
-mean/std normalisation. The prompt follows the reference `qwen_2` template; the text around each
-`<image>` marker is tokenized separately and the marker becomes N image-token slots, which is
-how Apple's reference splices (its vocabulary has no image token) and what transformers' port
-gives with its real `<image>` token.
+mean/std normalisation (AnyRes tiles, `image_aspect_ratio: anyres` or `--tiles`, are tiles.py's).
+The prompt follows the reference `qwen_2` template; the text around each `<image>` marker is
+tokenized separately and the marker becomes N image-token slots (N per image: with tiles it
+depends on the image's size), which is how Apple's reference splices (its vocabulary has no image
+token) and what transformers' port gives with its real `<image>` token.
 """
 
 import errno
@@ -26,6 +27,7 @@ from PIL import Image, ImageOps
 
 from . import fetch
 from .config import InputError, ModelConfig  # noqa: F401 (InputError: processing.InputError is public)
+from .tiles import Tiling, checkpoint_tiling
 
 IMAGE_MARKER = "<image>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -353,6 +355,10 @@ class Processor:
     eos_token_ids: List[int] = field(default_factory=list)
     # Sampling defaults of the model (generation_config.json); a caller's options override them.
     generation_defaults: dict = field(default_factory=dict)
+    # The checkpoint's AnyRes tiling (tiles.py; None: one square view) and its merge type,
+    # which --tiles on a single-view checkpoint follows too.
+    tiling: Optional["Tiling"] = None
+    patch_merge_type: str = "flat"
 
     @classmethod
     def from_pretrained(cls, path: Path, config: ModelConfig) -> "Processor":
@@ -379,6 +385,8 @@ class Processor:
             stride=config.vision_config.stride,
             eos_token_ids=list(config.eos_token_id),
             generation_defaults=generation_defaults(path),
+            tiling=checkpoint_tiling(config),
+            patch_merge_type=config.mm_patch_merge_type,
         )
 
     @property
@@ -399,22 +407,29 @@ class Processor:
         n_images: int,
         size: Optional[int] = None,
         system: Optional[str] = DEFAULT_SYSTEM,
+        *,
+        image_tokens: Optional[Sequence[int]] = None,
     ) -> List[int]:
         """A conversation's first turn -> ids with the image slots. PROMPT is the user's text
         (default DEFAULT_PROMPT), a list of chat messages, or ids already holding the slots
-        (mlx-lm style), which are checked and passed through."""
+        (mlx-lm style), which are checked and passed through. IMAGE_TOKENS: each image's slot
+        count (`image_tokens`; default tokens_per_image(size) each)."""
         if isinstance(prompt, mx.array):
             prompt = prompt.tolist()
+        if image_tokens is None:
+            image_tokens = [self.tokens_per_image(size)] * n_images
+        if len(image_tokens) != n_images:
+            raise ValueError(f"{len(image_tokens)} image token counts for {n_images} images")
         if _is_ids(prompt):
             ids = [int(t) for t in prompt]
             slots = sum(t == self.image_token_id for t in ids)
-            want = n_images * self.tokens_per_image(size)
+            want = sum(image_tokens)
             if slots != want:
                 raise InputError(f"the prompt ids hold {slots} image slots; {n_images} image(s) need {want}")
             return ids
         if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
             prompt = DEFAULT_PROMPT
-        return self.encode(format_prompt(prompt, n_images, system), size)
+        return self.encode(format_prompt(prompt, n_images, system), size, image_tokens)
 
     def follow_up_ids(self, prompt, history: Sequence[int], size: Optional[int] = None) -> List[int]:
         """A later turn of the conversation HISTORY (the ids already in its KV cache): the user's
@@ -437,21 +452,36 @@ class Processor:
         return self.encode(text, size)
 
     def tokens_per_image(self, size: Optional[int] = None) -> int:
+        """Image tokens of one square view at SIZE (default the trained resolution)."""
         return ((size or self.image_size) // self.stride) ** 2
+
+    def image_tokens(self, images: Sequence[Image.Image], size: Optional[int] = None,
+                     tiling: Optional[Tiling] = None) -> List[int]:
+        """Each decoded image's slot count: one square view at SIZE, or with TILING (tiles.py)
+        the count its grid, hence its size, gives."""
+        if tiling is None:
+            return [self.tokens_per_image(size)] * len(images)
+        return [tiling.n_tokens(im.size, self.stride) for im in images]
 
     def pixels(self, images: Sequence[ImageInput], size: Optional[int] = None) -> mx.array:
         """Images -> (N, S, S, 3) float32 pixels, channels-last."""
         size = check_resolution(size or self.image_size, self.stride)
         return mx.array(np.stack([preprocess_image(im, size) for im in images]))
 
-    def encode(self, text: str, size: Optional[int] = None) -> List[int]:
-        """Prompt text -> ids; each `<image>` becomes tokens_per_image(size) image slots."""
+    def encode(self, text: str, size: Optional[int] = None,
+               image_tokens: Optional[Sequence[int]] = None) -> List[int]:
+        """Prompt text -> ids; the i-th `<image>` becomes image_tokens[i] image slots (default
+        tokens_per_image(size) each)."""
         check_text(text)
         chunks = text.split(IMAGE_MARKER)
+        if image_tokens is not None and len(image_tokens) != len(chunks) - 1:
+            raise InputError(f"the prompt has {len(chunks) - 1} {IMAGE_MARKER} markers for "
+                             f"{len(image_tokens)} images")
         ids: List[int] = []
         for i, chunk in enumerate(chunks):
             if i:  # (built per image: a text-only prompt builds no slots, whatever the size)
-                ids += [self.image_token_id] * self.tokens_per_image(size)
+                ids += [self.image_token_id] * (
+                    self.tokens_per_image(size) if image_tokens is None else image_tokens[i - 1])
             if chunk:
                 ids += self.tokenizer.encode(chunk, add_special_tokens=False)
         return ids

@@ -61,6 +61,7 @@ from .processing import (
     pixel_cap,
     to_pil,
 )
+from .tiles import parse_grid
 from .timing import ms_since
 
 log = logging.getLogger("fastvlm_mlx.server")
@@ -121,6 +122,10 @@ class ServerSettings(EngineSettings):
             raise InputError(f"--prompt-cache-size must be >= 0, got {self.prompt_cache_size}")
         if self.resolution is not None:
             check_resolution(self.resolution)
+        if self.tiles is not None:
+            parse_grid(self.tiles)
+        if self.tile_size is not None:
+            check_resolution(self.tile_size)
         GenerationOptions.from_kwargs(dict(self.cache_options(), temperature=self.temperature,
                                            top_p=self.top_p))
 
@@ -233,6 +238,8 @@ def _schema():
         top_k: Optional[int] = None
         min_p: Optional[float] = None
         repetition_penalty: Optional[float] = None
+        # fastvlm-mlx's: AnyRes tiles for this request ("2x2" or [2, 2]; experimental)
+        tiles: Union[str, List[int], None] = None
 
     return ChatRequest
 
@@ -639,9 +646,12 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
         try:
             # Everything that can refuse the request cheaply, before its images are fetched.
             engine.check_options(dict(sampling, max_tokens=max_tokens))
+            # With tiles, an image's slots depend on its size: tokenized once it is decoded.
+            tiled = engine.views(req.tiles)[1] is not None
             t0 = time.perf_counter()
-            prompt_ids = await off_loop(len(prompt_text) > INLINE_PROMPT_CHARS, engine.tokenize,
-                                        prompt_text)
+            if not tiled:
+                prompt_ids = await off_loop(len(prompt_text) > INLINE_PROMPT_CHARS, engine.tokenize,
+                                            prompt_text)
             preprocess_ms = ms_since(t0)
         except InputError as e:
             raise APIError.of(e) from None
@@ -656,9 +666,16 @@ def create_app(model, processor, settings: Optional[ServerSettings] = None, **ov
                 loading.cancel()
                 return JSONResponse({}, status_code=499)  # nobody is listening
         decoded, digests, load_ms = loading.result() if loading is not None else ([], [], 0.0)
+        if tiled:
+            try:
+                t0 = time.perf_counter()
+                prompt_ids = await off_loop(True, engine.tokenize, prompt_text, decoded, req.tiles)
+                preprocess_ms = ms_since(t0)
+            except InputError as e:
+                raise APIError.of(e) from None
         job = Job(asyncio.get_running_loop(), prompt_ids, decoded, digests, load_ms, sampling,
                   max_tokens, stops, req.logprobs or bool(req.top_logprobs), req.top_logprobs or 0,
-                  preprocess_ms=preprocess_ms)
+                  preprocess_ms=preprocess_ms, tiles=req.tiles)
 
         async def watch():  # until the response starts; then Starlette watches for us
             await _until_disconnect(request)
@@ -803,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", "--system-prompt", dest="system", default=d.system,
                    help="system message when the request has none")
     _cli.add_run_args(p, max_pixels_text=f"{SERVER_MAX_PIXELS // 10**6}M")
+    _cli.add_tile_args(p)
     p.add_argument("--max-url-bytes", type=positive(int), default=None,
                    help="refuse image URLs with larger bodies (default 50 MiB, or $FASTVLM_MAX_URL_BYTES)")
     p.add_argument("--url-timeout", type=positive(float), default=None,

@@ -57,7 +57,15 @@ def apple_vision_name(key: str) -> str:
     return re.sub(r"(layer_scale(_[12])?)$", r"\1.gamma", key)
 
 
+# Apple's learned row-end vector of `spatial_unpad` (tiles.py), `model.image_newline` in Apple's
+# layout and in transformers' (LLaVA-NeXT's name; transformers' FastVLM port has none);
+# `image_newline` in older transformers exports and in ours.
+IMAGE_NEWLINE = "image_newline"
+
+
 def _rename_transformers(key: str) -> Optional[str]:
+    if key in ("model.image_newline", IMAGE_NEWLINE):
+        return IMAGE_NEWLINE
     for old, new in (
         ("model.vision_tower.timm_model.", "vision_tower."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -70,6 +78,8 @@ def _rename_transformers(key: str) -> Optional[str]:
 
 
 def _rename_apple(key: str) -> Optional[str]:
+    if key == "model.image_newline":
+        return IMAGE_NEWLINE
     prefix = "model.vision_tower.vision_tower.model."
     if key.startswith(prefix):
         return "vision_tower." + apple_vision_name(key[len(prefix):])
@@ -98,7 +108,7 @@ def _rename_mlx_vlm(key: str) -> Optional[str]:
 
 
 def _rename_ours(key: str) -> Optional[str]:
-    if key.startswith(("vision_tower.", "multi_modal_projector.", "language_model.")):
+    if key == IMAGE_NEWLINE or key.startswith(("vision_tower.", "multi_modal_projector.", "language_model.")):
         return key
     return None
 
