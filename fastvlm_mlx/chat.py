@@ -57,8 +57,7 @@ class ChatSession:
         self.model, self.processor, self.system = model, processor, system
         self.feature_cache = feature_cache
         # Checked now, so that a bad option fails before the first turn.
-        self.options = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults,
-                                                     vocab_size=model.vocab_size)
+        self.options = GenerationOptions.for_model(model, options, defaults=processor.generation_defaults)
         # The views' resolution and tiling (stream_generate's tiles, tile_size), checked now.
         self.resolution, self.tiling = resolve_views(model, processor, resolution, tiles, tile_size)
         self.tiles = tiles

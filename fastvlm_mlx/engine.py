@@ -390,10 +390,11 @@ class Engine:
 
     def check_options(self, sampling: dict) -> GenerationOptions:
         """SAMPLING (stream_generate's options) over the model's defaults and the engine's
-        KV-cache options, checked as every tool checks them (top_k against the vocabulary)."""
-        return GenerationOptions.from_kwargs(
-            sampling, defaults={**self.processor.generation_defaults, **self.settings.cache_options()},
-            vocab_size=self.model.vocab_size)
+        KV-cache options, checked as every tool checks them (against the model's vocabulary and
+        head width)."""
+        return GenerationOptions.for_model(
+            self.model, sampling,
+            defaults={**self.processor.generation_defaults, **self.settings.cache_options()})
 
     def views(self, tiles=None) -> Tuple[int, Optional[Tiling], Optional[Tuple[int, int]]]:
         """(resolution, tiling, grid) of a request asking for TILES (None: the engine's own),

@@ -187,9 +187,11 @@ class GenerationOptions:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict, defaults: Optional[dict] = None,
-                    vocab_size: Optional[int] = None) -> "GenerationOptions":
+                    vocab_size: Optional[int] = None,
+                    head_dim: Optional[int] = None) -> "GenerationOptions":
         """Options from keyword arguments (None: not given), over DEFAULTS (the model's
-        generation_config.json), checked (top_k against VOCAB_SIZE when given)."""
+        generation_config.json), checked (against the model's VOCAB_SIZE and HEAD_DIM when
+        given; `for_model` gives both)."""
         kwargs = dict(kwargs)
         if "temp" in kwargs:
             kwargs["temperature"] = kwargs.pop("temp")
@@ -198,18 +200,26 @@ class GenerationOptions:
             raise TypeError(f"unknown generation option(s): {', '.join(unknown)}")
         given = {k: v for k, v in kwargs.items() if v is not None}
         opts = cls(**{**(defaults or {}), **given})
-        opts.check(vocab_size)
+        opts.check(vocab_size, head_dim)
         return opts
+
+    @classmethod
+    def for_model(cls, model, kwargs: dict, defaults: Optional[dict] = None) -> "GenerationOptions":
+        """from_kwargs, checked against MODEL (its vocabulary and attention head width)."""
+        return cls.from_kwargs(kwargs, defaults, vocab_size=model.vocab_size, head_dim=model.head_dim)
 
     def replace(self, **overrides) -> "GenerationOptions":
         """These options with OVERRIDES (None: keep) applied and checked."""
         return self.from_kwargs(overrides, defaults=vars(self)) if overrides else self
 
-    def check(self, vocab_size: Optional[int] = None) -> None:
+    def check(self, vocab_size: Optional[int] = None, head_dim: Optional[int] = None) -> None:
         """The one check of every sampling and KV-cache option (the CLIs, the API and the server
         all come here); a bad one raises OptionError naming it. VOCAB_SIZE (the width of the
         model's logits) bounds top_k: mlx-lm's top-k raises inside its compiled sampler, which
-        leaves MLX's global random state unusable."""
+        leaves MLX's global random state unusable. HEAD_DIM (one attention head's width) must
+        be a multiple of kv_group_size when kv_bits is set: MLX quantizes each head's keys and
+        values in groups, and would fail every request once its cache reaches
+        quantized_kv_start."""
 
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
@@ -245,6 +255,9 @@ class GenerationOptions:
                  f"one of {', '.join(map(str, KV_BITS))} (what MLX can quantize to)")
         need(self.kv_group_size in KV_GROUP_SIZES and _is_int(self.kv_group_size), "kv_group_size",
              f"one of {', '.join(map(str, KV_GROUP_SIZES))}")
+        if self.kv_bits is not None and head_dim is not None:
+            need(head_dim % self.kv_group_size == 0, "kv_group_size",
+                 f"a divisor of the model's attention head width, {head_dim}, with kv_bits")
         whole("quantized_kv_start", 0, "a whole number >= 0")
         if self.kv_bits is not None and self.max_kv_size is not None:
             raise OptionError("kv_bits", "cannot be combined with max_kv_size: mlx-lm cannot "
@@ -534,8 +547,7 @@ def prepare_request(model, processor, prompt, images, history, *, system=DEFAULT
     """stream_generate's first part, with its arguments: the options, resolution and tiles,
     checked; the images (or the video's frames), decoded; the template and tokens; the context
     rule."""
-    opts = GenerationOptions.from_kwargs(options, defaults=processor.generation_defaults,
-                                         vocab_size=model.vocab_size)
+    opts = GenerationOptions.for_model(model, options, defaults=processor.generation_defaults)
     size, tiling = resolve_views(model, processor, resolution, tiles, tile_size)
     if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, type(None))):
         images = [images]

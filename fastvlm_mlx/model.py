@@ -97,6 +97,12 @@ class Model(nn.Module):
         self.language_model.vocab_limit = min(int(n), self.language_model.args.vocab_size)
 
     @property
+    def head_dim(self) -> int:
+        """The width of one attention head: what a quantized KV cache's groups must divide."""
+        args = self.language_model.args
+        return args.hidden_size // args.num_attention_heads
+
+    @property
     def vocab_size(self) -> int:
         """How many ids the model can produce: the width of its logits."""
         lm = self.language_model

@@ -253,6 +253,27 @@ def test_every_option_is_checked_in_one_place(option, value, tiny_loaded):
         generate(model, processor, "Hello", **{"max_tokens": 2, option: value})
 
 
+def test_kv_groups_must_divide_the_attention_heads(tiny_loaded, tiny_converted):
+    """MLX quantizes a head's keys in groups of kv_group_size: a group wider than the head
+    would fail every request once the cache reaches quantized_kv_start. It is refused at once,
+    by the API, the chat session and the CLI, before the model runs."""
+    from fastvlm_mlx.generate import GenerationOptions, OptionError
+
+    model, processor = tiny_loaded
+    assert model.head_dim == 16  # the tiny decoder's; every KV group size (32, 64, 128) is wider
+    with pytest.raises(OptionError, match="^kv_group_size must be a divisor of the model's attention head width, 16"):
+        GenerationOptions.for_model(model, {"kv_bits": 4, "kv_group_size": 32})
+    GenerationOptions.for_model(model, {"kv_group_size": 32})  # without kv_bits it is unused
+    with pytest.raises(OptionError, match="kv_group_size"):
+        generate(model, processor, "Hello", max_tokens=2, kv_bits=4, quantized_kv_start=0)
+    with pytest.raises(OptionError, match="kv_group_size"):
+        ChatSession(model, processor, kv_bits=8)
+    p = subprocess.run([sys.executable, "-m", "fastvlm_mlx.generate", "--model", str(tiny_converted),
+                        "--prompt", "Hello", "--max-tokens", "2", "--kv-bits", "4"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "kv_group_size" in p.stderr, p.stderr
+
+
 def test_a_resolution_beyond_the_context_is_refused_before_anything_is_built(tiny_loaded):
     model, processor = tiny_loaded
     for size in (640000, 10**9):

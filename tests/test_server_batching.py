@@ -234,11 +234,11 @@ def test_a_seeded_request_samples_the_same_alone_and_under_load(batched, tiny_lo
 
 
 def test_what_cannot_be_batched_runs_alone(tiny_loaded):
-    """Quantized KV caches (kv_bits) have no batch kind: every request runs alone, none is
-    refused, and each answer is generate's with the same options. (The tiny decoder's heads are
-    narrower than any KV group size, so its caches stay below quantized_kv_start.)"""
+    """A rotating KV cache (max_kv_size) has no batch kind that keeps the first tokens, so every
+    request runs alone, none is refused, and each answer is generate's with the same options.
+    (kv_bits takes the same path; the tiny decoder's 16-wide heads admit no KV group size.)"""
     model, processor = tiny_loaded
-    options = dict(kv_bits=8)
+    options = dict(max_kv_size=1024)
     server = LiveServer(create_app(model, processor, model_id="tiny", **options))
     try:
         assert server.engine.batch is None
