@@ -5,7 +5,7 @@ FastViTHD towers with the same block types. The text config is kept as the dict 
 `ModelArgs` fields and handed to mlx-lm unchanged. The dtype names (`DTYPES`), whether a directory
 holds a converted model (`is_converted`) and the one-line errors (`ModelLoadError` for a model that
 cannot be loaded, `InputError` for bad user input) live here too: every other module uses them,
-and this one imports none of ours.
+and this one imports only tiles.py (which imports none of ours), to check the image settings.
 """
 
 import json

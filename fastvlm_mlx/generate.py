@@ -45,6 +45,7 @@ from .processing import (
     InputError,
     check_resolution,
     image_digest,
+    is_whole_number,
     preprocess_image,
     to_pil,
 )
@@ -159,10 +160,6 @@ KV_BITS = (1, 2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
@@ -229,7 +226,7 @@ class GenerationOptions:
             value = getattr(self, name)
             if optional and value is None:
                 return
-            need(_is_int(value) and value >= low, name, rule)
+            need(is_whole_number(value) and value >= low, name, rule)
 
         def real(name: str) -> bool:
             value = getattr(self, name)
@@ -247,13 +244,13 @@ class GenerationOptions:
                  "a finite number > 0")
         whole("repetition_context_size", 1, "a whole number >= 1")
         if self.seed is not None:
-            need(_is_int(self.seed) and 0 <= self.seed < 2**64, "seed", "a whole number in [0, 2**64)")
+            need(is_whole_number(self.seed) and 0 <= self.seed < 2**64, "seed", "a whole number in [0, 2**64)")
         whole("max_kv_size", 1, "a whole number >= 1", optional=True)
         whole("prefill_step_size", 1, "a whole number >= 1")
         if self.kv_bits is not None:
-            need(self.kv_bits in KV_BITS and _is_int(self.kv_bits), "kv_bits",
+            need(self.kv_bits in KV_BITS and is_whole_number(self.kv_bits), "kv_bits",
                  f"one of {', '.join(map(str, KV_BITS))} (what MLX can quantize to)")
-        need(self.kv_group_size in KV_GROUP_SIZES and _is_int(self.kv_group_size), "kv_group_size",
+        need(self.kv_group_size in KV_GROUP_SIZES and is_whole_number(self.kv_group_size), "kv_group_size",
              f"one of {', '.join(map(str, KV_GROUP_SIZES))}")
         if self.kv_bits is not None and head_dim is not None:
             need(head_dim % self.kv_group_size == 0, "kv_group_size",

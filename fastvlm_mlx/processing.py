@@ -36,8 +36,13 @@ DEFAULT_PROMPT = "Describe the image."
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 
+def is_whole_number(value) -> bool:
+    """An int (numpy's too), and not a bool, which Python counts as one."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_resolution(size: int, stride: int = 64) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % stride:
+    if not is_whole_number(size) or size <= 0 or size % stride:
         raise InputError(f"resolution {size} is not supported: it must be a positive multiple of {stride}")
     return int(size)
 
