@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random-weight FastVLM in transformers' layout, its tokenizer, and the
 same model converted to a fastvlm_mlx directory. Everything is built here: nothing is downloaded."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,24 @@ def tiny_source(tmp_path_factory):
     model.save_pretrained(str(path))
     ref.save_json(path / "preprocessor_config.json", {"crop_size": {"height": 256, "width": 256}})
     return ref.apple_vocabulary(model, path), path, ids
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """`mktemp` for a module's fixtures, whose folders are removed when the module is done.
+
+    A module's checkpoints and conversions come to hundreds of MB, and CI's disk is small: pytest
+    removes a passed test's `tmp_path` (pyproject.toml: tmp_path_retention_policy) and the whole
+    run's folder after a green run, but not a module fixture's until the run ends."""
+    made = []
+
+    def mktemp(name):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

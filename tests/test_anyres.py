@@ -176,9 +176,9 @@ def write_tiled(path: Path, tiny_source, merge, layout="apple", dtype=torch.floa
 
 
 @pytest.fixture(scope="module", params=["spatial_unpad", "flat", "spatial"])
-def tiled(request, tiny_source, tmp_path_factory):
+def tiled(request, tiny_source, module_tmp):
     merge = request.param
-    base = tmp_path_factory.mktemp(f"tiled_{merge}")
+    base = module_tmp(f"tiled_{merge}")
     src = write_tiled(base / "src", tiny_source, merge, newline=merge == "spatial_unpad")
     out = convert(src, base / "mlx", dtype="float32")
     return merge, fastvlm_mlx.load(out)
@@ -340,8 +340,8 @@ TILES = dict(tiles=(2, 1), tile_size=128)
 
 
 @pytest.fixture(scope="module")
-def wide_png(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiles") / "wide.png"
+def wide_png(module_tmp):
+    path = module_tmp("tiles") / "wide.png"
     sample_image("wide", seed=9).save(path)
     return path
 

@@ -25,8 +25,8 @@ TIE = 2 * TOL
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("batch_images")
+def images(module_tmp):
+    d = module_tmp("batch_images")
     sizes = [(300, 200), (180, 240), (256, 256), (320, 180), (200, 300), (240, 240)]
     return [write_png(d / f"{i}.png", 10 + i, size) for i, size in enumerate(sizes)]
 

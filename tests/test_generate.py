@@ -34,8 +34,8 @@ def write_png(path, seed, size=(300, 200)):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("images")
+def images(module_tmp):
+    d = module_tmp("images")
     return write_png(d / "a.png", 1), write_png(d / "b.png", 2, size=(180, 240))
 
 
@@ -118,8 +118,8 @@ def test_cli_chat_prints_a_ttft_per_turn_and_exits_on_eof(tiny_converted, images
 
 
 @pytest.fixture(scope="module")
-def bad_images(tmp_path_factory, images):
-    d = tmp_path_factory.mktemp("bad")
+def bad_images(module_tmp, images):
+    d = module_tmp("bad")
     data = images[0].read_bytes()
     (d / "truncated.png").write_bytes(data[: len(data) // 2])
     (d / "empty.png").write_bytes(b"")

@@ -57,8 +57,8 @@ def user(text, *urls):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("server_images")
+def images(module_tmp):
+    d = module_tmp("server_images")
     out = {}
     for name, seed, size in [("a", 1, (300, 200)), ("b", 2, (180, 240)), ("c", 3, (256, 256))]:
         (d / f"{name}.png").write_bytes(png(seed, size))

@@ -27,11 +27,11 @@ TOKENS = "6"
 
 
 @pytest.fixture(scope="module")
-def apple_source(tiny_source, tmp_path_factory):
+def apple_source(tiny_source, module_tmp):
     """The tiny model in Apple's layout (llava_qwen2 names, no preprocessor_config.json: the
     resolution comes from mm_vision_tower's suffix)."""
     _, src, _ = tiny_source
-    path = tmp_path_factory.mktemp("apple_src")
+    path = module_tmp("apple_src")
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / f).exists():
             shutil.copy2(src / f, path / f)
@@ -44,9 +44,9 @@ def apple_source(tiny_source, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sources(tiny_source, apple_source, tmp_path_factory):
+def sources(tiny_source, apple_source, module_tmp):
     """layout -> (source checkpoint, our float16 conversion of it): what load() caches."""
-    out = tmp_path_factory.mktemp("verify_converted")
+    out = module_tmp("verify_converted")
     return {
         "transformers": (tiny_source[1], convert(tiny_source[1], out / "hf16", dtype="float16")),
         "apple": (apple_source, convert(apple_source, out / "apple16", dtype="float16")),
@@ -54,10 +54,10 @@ def sources(tiny_source, apple_source, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rotated(tmp_path_factory):
+def rotated(module_tmp):
     """The photo stored turned anticlockwise, with EXIF orientation 6: shown upright. Apple's
     decode ignores the tag; ours applies it."""
-    path = tmp_path_factory.mktemp("rotated") / "rotated.jpg"
+    path = module_tmp("rotated") / "rotated.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.open(IMAGE).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)

@@ -59,8 +59,8 @@ CODECS = [c for c in ("mpeg4", "libx264") if c in av.codecs_available]
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("videos")
+def videos(module_tmp):
+    d = module_tmp("videos")
     out = {f"{ext}-{codec}": write_video(d / f"clip-{codec}.{ext}", codec=codec)
            for ext in ("mp4", "mkv") for codec in CODECS}
     out["clip"] = out["mp4-mpeg4"]

@@ -21,10 +21,10 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def padded_heavy(tmp_path_factory):
+def padded_heavy(module_tmp):
     """A checkpoint whose padded lm_head rows are 10x the real ones, so that without the rule
     every greedy step would pick a padded id; converted to float32 and loaded."""
-    src = tmp_path_factory.mktemp("padded")
+    src = module_tmp("padded")
     ids = ref.write_tokenizer(src)
     model = ref.transformers_vlm(image_token_id=ids[ref.IMAGE], seed=11)
     n_real = ref.tokenizer_length(src)
