@@ -5,7 +5,9 @@ request at a time: the "before" row), and mlx-vlm's server when it is installed.
 
 A random FastVLM with the real FastViTHD and a decoder of Qwen2-0.5B's shape (random_model.py),
 float32, written once as a converted checkpoint (with a preprocessor_config.json naming the
-resolution); the server is started on it as a subprocess on a loopback port. Each client is a
+resolution); the server is started on it as a subprocess on a loopback port. mlx-vlm's server
+gets the same weights in Apple's layout, which it reads (`write_apple_checkpoint`, a copy beside
+the checkpoint, checked by converting it back). Each client is a
 thread with the official `openai` client sending its requests one after another; every request
 has an image no other request had (a 256 px PNG data URL, so the feature cache never hits),
 the same question, greedy decoding and max_tokens --tokens. Random weights almost never pick
@@ -22,6 +24,7 @@ import concurrent.futures
 import io
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -58,6 +61,88 @@ def write_checkpoint(dst: Path, resolution: int) -> Path:
     (tmp / "preprocessor_config.json").write_text(json.dumps(
         {"crop_size": {"height": resolution, "width": resolution}, "size": {"shortest_edge": resolution}}))
     save_converted(tmp, model, config.to_dict(), None)  # the tokenizer files are there already
+    tmp.rename(dst)
+    return dst
+
+
+def _apple_vision_key(ours: str) -> str:
+    """Our vision tower name (after `vision_tower.`) -> Apple's, inverting weights.apple_vision_name."""
+    from fastvlm_mlx.weights import APPLE_NETWORK
+
+    for i, stage in APPLE_NETWORK.items():
+        if ours.startswith(stage + "."):
+            ours = f"network.{i}." + ours[len(stage) + 1:]
+            break
+    # Apple's ReparamLargeKernelConv (the first conv of each downsample) is `lkb_reparam`; every
+    # other reparameterized conv is `reparam_conv` in both.
+    ours = re.sub(r"^(network\.\d+\.proj\.0\.)reparam_conv\.", r"\1lkb_reparam.", ours)
+    for new, old in (("patch_embed.", "stem."), ("conv_exp.", "final_conv."), ("se.reduce.", "se.fc1."),
+                     ("se.expand.", "se.fc2."), ("convffn.", "mlp.")):
+        ours = re.sub(rf"(^|\.){re.escape(old)}", rf"\g<1>{new}", ours)
+    return re.sub(r"(layer_scale(_[12])?)\.gamma$", r"\1", ours)
+
+
+def write_apple_checkpoint(converted: Path, dst: Path) -> Path:
+    """The converted checkpoint CONVERTED as Apple's ml-fastvlm writes one (llava_qwen2 names,
+    PyTorch tensor layout, the ConvFFN BatchNorms unfolded to identities, the unused pooling head
+    as zeros), with a preprocessor_config.json naming the resolution: a checkpoint both servers
+    load, with the same weights. Checked by converting it back (weights.sanitize)."""
+    import mlx.core as mx
+
+    from fastvlm_mlx.weights import BN_EPS, sanitize
+
+    if (dst / "config.json").is_file():
+        return dst
+    ours = {}
+    for f in sorted(converted.glob("*.safetensors")):
+        ours.update(mx.load(str(f)))
+    apple = {}
+    for key, value in ours.items():
+        if key.startswith("vision_tower."):
+            name = "model.vision_tower.vision_tower.model." + _apple_vision_key(key[len("vision_tower."):])
+            if name.endswith(".convffn.conv.conv.bias"):  # the folded BatchNorm, as an identity one
+                bn = name[: -len("conv.bias")] + "bn."
+                c = value.shape[0]
+                apple[bn + "bias"] = value
+                apple[bn + "weight"] = mx.full((c,), (1 + BN_EPS) ** 0.5, value.dtype)
+                apple[bn + "running_mean"] = mx.zeros((c,), value.dtype)
+                apple[bn + "running_var"] = mx.ones((c,), value.dtype)
+                continue
+            if value.ndim == 4:  # MLX conv (O, kh, kw, I/g) -> PyTorch (O, I/g, kh, kw)
+                value = value.transpose(0, 3, 1, 2)
+            elif value.ndim == 2 and ".token_mixer." not in name:  # a 1x1 conv (not attention's Linear)
+                value = value.reshape(*value.shape, 1, 1)
+            elif name.endswith(("layer_scale", "layer_scale_1", "layer_scale_2")):
+                value = value.reshape(-1, 1, 1)
+        elif key.startswith("multi_modal_projector.linear_"):
+            n = key[len("multi_modal_projector.linear_")]
+            name = f"model.mm_projector.{0 if n == '1' else 2}." + key.split(".", 2)[2]
+        elif key.startswith("language_model."):
+            name = key[len("language_model."):]
+        else:
+            raise ValueError(f"no Apple name for {key!r}")
+        apple[name] = value
+    apple["model.vision_tower.vision_tower.model.head.proj"] = mx.zeros((3072, 768), mx.float32)
+    back = sanitize(dict(apple), "apple")
+    assert set(back) == set(ours), sorted(set(back) ^ set(ours))[:4]
+    for key, value in ours.items():
+        err = mx.abs(back[key].astype(mx.float32) - value.astype(mx.float32)).max().item()
+        assert err <= 1e-5 * (1 + mx.abs(value).max().item()), (key, err)
+
+    config = json.loads((converted / "config.json").read_text())
+    text = config["text_config"]
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for f in converted.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("preprocessor_config.json", "special_tokens_map.json"):
+            (tmp / f.name).write_bytes(f.read_bytes())
+    mx.save_safetensors(str(tmp / "model.safetensors"), apple, metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps({
+        "model_type": "llava_qwen2", "architectures": ["LlavaQwen2ForCausalLM"],
+        "mm_vision_tower": f"mobileclip_l_{config['image_size']}", "mm_hidden_size": 3072,
+        "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": "pad",
+        "eos_token_id": config["eos_token_id"][0], **{k: v for k, v in text.items() if k != "model_type"},
+    }, indent=2))
     tmp.rename(dst)
     return dst
 
@@ -236,10 +321,12 @@ def main():
         if args.mlx_vlm_python is None:
             print("# mlx-vlm's server: not run (no --mlx-vlm-python given)")
         else:
+            # mlx-vlm reads Apple's layout, not ours: the same weights written as Apple's.
+            apple = write_apple_checkpoint(ckpt, ckpt.with_name(ckpt.name + "-apple"))
             port = free_port()
-            command = [args.mlx_vlm_python, "-m", "mlx_vlm.server", "--model", str(ckpt), "--port", str(port)]
+            command = [args.mlx_vlm_python, "-m", "mlx_vlm.server", "--model", str(apple), "--port", str(port)]
             try:
-                run_server("mlx-vlm server", command, port, str(ckpt), args, log_dir, seed=99)
+                run_server("mlx-vlm server", command, port, str(apple), args, log_dir, seed=99)
             except Exception as e:  # its server cannot load this checkpoint, or failed a request
                 print(f"# mlx-vlm's server: not measured: {' '.join(str(e).split())[:300]}")
 
