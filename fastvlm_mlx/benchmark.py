@@ -434,9 +434,6 @@ def run(args) -> int:
             raise BenchmarkError(f"cannot write {out}: its directory does not exist")
         if out and not os.access(Path(out).resolve().parent, os.W_OK):
             raise BenchmarkError(f"cannot write {out}: its directory is not writable")
-    note = openblas_note()
-    if note:
-        print(f"note: {note}", file=sys.stderr, flush=True)
     dtype = runtime_dtype(args.dtype) or mx.float16
     dtype_name = str(dtype).split(".")[-1]
 
@@ -449,6 +446,11 @@ def run(args) -> int:
         runtimes = [PEERS[peer](model.config, dtype, args.q_bits, args.q_group_size) for peer in peers]
     except PeerUnavailable as e:
         raise BenchmarkError(str(e)) from None
+    user_text(processor, args.prompt_tokens, resolutions[0])  # refuses a too-short --prompt-tokens
+    # The note comes once every setting is known good: bad input gets its one line, nothing more.
+    note = openblas_note()
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
 
     env = environment(args, dtype_name)
     print(f"# {env['model']} | {dtype_name}{f' q{args.q_bits}' if args.q_bits else ''} | "
