@@ -419,9 +419,7 @@ def environment(args, dtype_name: str) -> dict:
 def run(args) -> int:
     resolutions = parse_resolutions(args.resolutions)
     peers = parse_peers(args.compare)
-    skipped = {name: why for name in peers if (why := unavailable(name))}
-    for name, why in skipped.items():  # checked before any work; the others still run
-        print(f"note: skipping {why}", file=sys.stderr, flush=True)
+    skipped = {name: why for name in peers if (why := unavailable(name))}  # the others still run
     peers = [name for name in peers if name not in skipped]
     for name, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
                              ("--tokens", args.tokens, 1), ("--prompt-tokens", args.prompt_tokens, 1)):
@@ -447,7 +445,10 @@ def run(args) -> int:
     except PeerUnavailable as e:
         raise BenchmarkError(str(e)) from None
     user_text(processor, args.prompt_tokens, resolutions[0])  # refuses a too-short --prompt-tokens
-    # The note comes once every setting is known good: bad input gets its one line, nothing more.
+    # The notes come once every setting is known good (and before any timing): bad input gets
+    # its one line, nothing more.
+    for why in skipped.values():
+        print(f"note: skipping {why}", file=sys.stderr, flush=True)
     note = openblas_note()
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)

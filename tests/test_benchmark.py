@@ -130,6 +130,7 @@ def test_no_eos_sampler_never_ends_the_answer():
         (["--resolutions", "a,b"], "comma-separated integers"),
         (["--compare", "onnx"], "unknown peer"),
         (["--runs", "0"], "--runs must be at least 1"),
+        (["--compare", "mlx-vlm", "--runs", "0"], "--runs must be at least 1"),  # no skip note first
         (["--prompt-tokens", "3", "--resolutions", "128"], "--prompt-tokens must be at least"),
         (["--json", "/nonexistent/dir/x.json"], "directory does not exist"),
     ],
