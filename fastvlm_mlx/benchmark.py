@@ -378,6 +378,11 @@ def parse_peers(text: str) -> List[str]:
 OPENBLAS = ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0")
 
 
+def openblas_library() -> Optional[str]:
+    """Debian's OpenBLAS for this machine, where it is installed."""
+    return next((f for f in OPENBLAS if os.path.exists(f)), None)
+
+
 def openblas_note() -> Optional[str]:
     """On Linux, MLX's CPU wheel bundles a reference BLAS 20-60x slower than OpenBLAS for float32
     matmul (scripts/test.sh); a note on how to preload it when it is not loaded, else None."""
@@ -388,7 +393,7 @@ def openblas_note() -> Optional[str]:
             return None
     except OSError:
         return None
-    lib = next((f for f in OPENBLAS if os.path.exists(f)), None)
+    lib = openblas_library()
     how = (f"LD_PRELOAD={lib}" if lib else
            "apt-get install libopenblas0-pthread, then LD_PRELOAD=/usr/lib/<arch>-linux-gnu/libopenblas.so.0")
     return f"MLX's CPU matmul is 20-60x faster with OpenBLAS: run with {how} (README, Set-up)"

@@ -41,6 +41,14 @@ class WeightError(ValueError):
     """A checkpoint tensor that is missing, unknown, misshaped or of an unknown layout."""
 
 
+# Apple's module names -> timm's, within a vision tensor's name. Apple's `lkb_reparam` (the
+# ReparamLargeKernelConv opening each downsample) and its `reparam_conv` become one name.
+APPLE_VISION_RENAMES = (
+    ("patch_embed.", "stem."), ("conv_exp.", "final_conv."), ("se.reduce.", "se.fc1."),
+    ("se.expand.", "se.fc2."), ("convffn.", "mlp."), ("lkb_reparam.", "reparam_conv."),
+)
+
+
 def apple_vision_name(key: str) -> str:
     """Apple's (ml-fastvlm) FastViTHD names -> timm's names."""
     m = re.match(r"network\.(\d+)(.*)", key)
@@ -49,10 +57,7 @@ def apple_vision_name(key: str) -> str:
         if i not in APPLE_NETWORK:
             raise WeightError(f"unknown vision tensor {key!r}: no stage for network.{i}")
         key = APPLE_NETWORK[i] + m.group(2)
-    for old, new in (
-        ("patch_embed.", "stem."), ("conv_exp.", "final_conv."), ("se.reduce.", "se.fc1."),
-        ("se.expand.", "se.fc2."), ("convffn.", "mlp."), ("lkb_reparam.", "reparam_conv."),
-    ):
+    for old, new in APPLE_VISION_RENAMES:
         key = key.replace(old, new)
     return re.sub(r"(layer_scale(_[12])?)$", r"\1.gamma", key)
 

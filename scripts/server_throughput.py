@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -43,7 +44,7 @@ def write_checkpoint(dst: Path, resolution: int) -> Path:
     """The random 0.5B-shape FastVLM as a converted float32 directory (convert.py's layout)."""
     import mlx.core as mx
 
-    from fastvlm_mlx.convert import save_converted
+    from fastvlm_mlx.convert import save_converted, write_atomically
     from fastvlm_mlx.model import Model
     from fastvlm_mlx.random_model import arch_config, synthetic_processor, tame_random_weights
 
@@ -55,30 +56,31 @@ def write_checkpoint(dst: Path, resolution: int) -> Path:
     tame_random_weights(model)
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    synthetic_processor(config).tokenizer._tokenizer.save_pretrained(str(tmp))
-    (tmp / "preprocessor_config.json").write_text(json.dumps(
-        {"crop_size": {"height": resolution, "width": resolution}, "size": {"shortest_edge": resolution}}))
-    save_converted(tmp, model, config.to_dict(), None)  # the tokenizer files are there already
-    tmp.rename(dst)
+
+    def write(tmp: Path) -> None:
+        synthetic_processor(config).tokenizer._tokenizer.save_pretrained(str(tmp))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(
+            {"crop_size": {"height": resolution, "width": resolution}, "size": {"shortest_edge": resolution}}))
+        save_converted(tmp, model, config.to_dict(), None)  # the tokenizer files are there already
+
+    write_atomically(dst, write, force=False)
     return dst
 
 
 def _apple_vision_key(ours: str) -> str:
     """Our vision tower name (after `vision_tower.`) -> Apple's, inverting weights.apple_vision_name."""
-    from fastvlm_mlx.weights import APPLE_NETWORK
+    from fastvlm_mlx.weights import APPLE_NETWORK, APPLE_VISION_RENAMES
 
     for i, stage in APPLE_NETWORK.items():
         if ours.startswith(stage + "."):
             ours = f"network.{i}." + ours[len(stage) + 1:]
             break
     # Apple's ReparamLargeKernelConv (the first conv of each downsample) is `lkb_reparam`; every
-    # other reparameterized conv is `reparam_conv` in both.
+    # other reparameterized conv is `reparam_conv` in both, so that rename is not inverted.
     ours = re.sub(r"^(network\.\d+\.proj\.0\.)reparam_conv\.", r"\1lkb_reparam.", ours)
-    for new, old in (("patch_embed.", "stem."), ("conv_exp.", "final_conv."), ("se.reduce.", "se.fc1."),
-                     ("se.expand.", "se.fc2."), ("convffn.", "mlp.")):
-        ours = re.sub(rf"(^|\.){re.escape(old)}", rf"\g<1>{new}", ours)
+    for apple, timm in APPLE_VISION_RENAMES:
+        if timm != "reparam_conv.":
+            ours = re.sub(rf"(^|\.){re.escape(timm)}", rf"\g<1>{apple}", ours)
     return re.sub(r"(layer_scale(_[12])?)\.gamma$", r"\1", ours)
 
 
@@ -89,13 +91,13 @@ def write_apple_checkpoint(converted: Path, dst: Path) -> Path:
     load, with the same weights. Checked by converting it back (weights.sanitize)."""
     import mlx.core as mx
 
+    from fastvlm_mlx.convert import TOKENIZER_FILES, write_atomically
+    from fastvlm_mlx.loader import read_weights
     from fastvlm_mlx.weights import BN_EPS, sanitize
 
     if (dst / "config.json").is_file():
         return dst
-    ours = {}
-    for f in sorted(converted.glob("*.safetensors")):
-        ours.update(mx.load(str(f)))
+    ours = read_weights(converted)
     apple = {}
     for key, value in ours.items():
         if key.startswith("vision_tower."):
@@ -131,19 +133,20 @@ def write_apple_checkpoint(converted: Path, dst: Path) -> Path:
 
     config = json.loads((converted / "config.json").read_text())
     text = config["text_config"]
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for f in converted.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("preprocessor_config.json", "special_tokens_map.json"):
-            (tmp / f.name).write_bytes(f.read_bytes())
-    mx.save_safetensors(str(tmp / "model.safetensors"), apple, metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps({
-        "model_type": "llava_qwen2", "architectures": ["LlavaQwen2ForCausalLM"],
-        "mm_vision_tower": f"mobileclip_l_{config['image_size']}", "mm_hidden_size": 3072,
-        "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": "pad",
-        "eos_token_id": config["eos_token_id"][0], **{k: v for k, v in text.items() if k != "model_type"},
-    }, indent=2))
-    tmp.rename(dst)
+
+    def write(tmp: Path) -> None:
+        for name in TOKENIZER_FILES:  # preprocessor_config.json among them
+            if (converted / name).is_file():
+                shutil.copyfile(converted / name, tmp / name)
+        mx.save_safetensors(str(tmp / "model.safetensors"), apple, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps({
+            "model_type": "llava_qwen2", "architectures": ["LlavaQwen2ForCausalLM"],
+            "mm_vision_tower": f"mobileclip_l_{config['image_size']}", "mm_hidden_size": 3072,
+            "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": "pad",
+            "eos_token_id": config["eos_token_id"][0], **{k: v for k, v in text.items() if k != "model_type"},
+        }, indent=2))
+
+    write_atomically(dst, write, force=False)
     return dst
 
 
